@@ -1,0 +1,19 @@
+"""Build script. The package is pure Python for now; the CUDA extension (``csrc/``) is built here once it exists."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="transformer-lrp",
+    version="0.1.0",
+    description="Batched transformer attribution (Chefer et al., CVPR 2021) and its baselines for timm and "
+    "transformers classifiers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["transformer_lrp", "transformer_lrp.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+    extras_require={
+        "models": ["timm>=1.0", "transformers>=4.40", "safetensors"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "transformers>=4.40", "safetensors"],
+    },
+)

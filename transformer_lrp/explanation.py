@@ -1,0 +1,79 @@
+"""The result of ``explain``: relevance over input tokens, with helpers to turn it into image maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Explanation:
+    r"""Explanations of a batch.
+
+    Attributes:
+        relevance: `[B, T]`. The CLS row over input tokens. Vision: the patch tokens only (prefix tokens such as
+            CLS, distillation and register tokens dropped), in grid (row-major) order, ``T = h·w``. Text: every
+            token position, padded positions 0, the CLS position per ``cls_relevance``.
+        target: `[B]`, the explained class of each sample.
+        logits: `[B, C]`, the model's logits (computed by the engine from the model's own weights).
+        method: the method's name.
+        modality: ``"vision"`` or ``"text"``.
+        grid_size: `(h, w)` of the patch grid (vision).
+        image_size: `(H, W)` of the input images (vision).
+        attention_mask: `[B, T]` bool (text; ``None`` when no position is padding).
+        pixel_relevance: `[B, H, W]`, ``full_lrp`` on vision only: relevance on pixels, summed over channels.
+    """
+
+    relevance: torch.Tensor
+    target: torch.Tensor
+    logits: torch.Tensor
+    method: str
+    modality: str
+    grid_size: tuple[int, int] | None = None
+    image_size: tuple[int, int] | None = None
+    attention_mask: torch.Tensor | None = None
+    pixel_relevance: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.relevance.shape[0]
+
+    def maps(self) -> torch.Tensor:
+        """Vision: relevance as `[B, h, w]` patch maps."""
+        if self.modality != "vision" or self.grid_size is None:
+            raise ValueError("maps() needs a vision explanation (text relevance has no grid)")
+        return self.relevance.reshape(-1, *self.grid_size)
+
+    def image_maps(self, size: tuple[int, int] | None = None, normalize: bool = True) -> torch.Tensor:
+        r"""Vision: `[B, H, W]` maps at image resolution (default: the input size).
+
+        Patch maps are upsampled bilinearly (``align_corners=False``, as the paper's evaluation does);
+        ``full_lrp`` already lives on pixels. With ``normalize`` each map is min–max scaled to [0, 1]
+        (a constant map becomes 0).
+        """
+        size = tuple(size or self.image_size)  # type: ignore[arg-type]
+        if self.pixel_relevance is not None:
+            out = self.pixel_relevance
+            if tuple(out.shape[-2:]) != size:
+                out = F.interpolate(out[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        else:
+            out = F.interpolate(self.maps()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        return min_max(out) if normalize else out
+
+
+def min_max(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample min–max scaling to [0, 1] over the non-batch entries where ``valid`` (default: all).
+
+    A constant map becomes 0 (instead of the 0/0 of a plain min–max).
+    """
+    dims = tuple(range(1, x.dim()))
+    if valid is None:
+        lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    else:
+        big = torch.finfo(x.dtype).max
+        lo = torch.where(valid, x, big).amin(dim=dims, keepdim=True)
+        hi = torch.where(valid, x, -big).amax(dim=dims, keepdim=True)
+    span = hi - lo
+    safe_span = torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, (x - lo) / safe_span, torch.zeros_like(x))

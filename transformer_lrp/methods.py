@@ -1,0 +1,174 @@
+"""Methods: how each explanation is aggregated from the engine's per-block outputs (SPEC §3–5).
+
+Every method yields the CLS row over all tokens ``[B, N]`` (the API then drops prefix tokens for vision and
+applies the text conventions). Rollout-style products are streamed top-down: the output is one row of
+``C = M⁽ᴸ⁻¹⁾ ⋯ M⁽ˢ⁾``, so the row vector ``v`` (start ``e_CLS``) is updated ``v ← v·M⁽ᵇ⁾`` as the sweep passes
+block ``b``, and no ``[B, N, N]`` product is ever formed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from transformer_lrp import engine
+from transformer_lrp.adapters.spec import Embedded, EncoderSpec
+from transformer_lrp.explanation import min_max
+from transformer_lrp.ops import z_add
+
+METHODS = (
+    "transformer_attribution",
+    "gae",
+    "rollout",
+    "raw_attention",
+    "attention_gradcam",
+    "partial_lrp",
+    "full_lrp",
+)
+# Methods that aggregate over blocks start_layer … L-1; the others read the last block (or all, for full LRP).
+LAYERED = ("transformer_attribution", "gae", "rollout")
+# The original code's legacy name for the method.
+ALIASES = {"grad": "transformer_attribution"}
+
+
+@dataclass
+class MethodOutput:
+    row: torch.Tensor  # [B, N]: the CLS row over all tokens (full LRP: token relevance of the input)
+    logits: torch.Tensor  # [B, C]
+    target: torch.Tensor  # [B]
+    pixels: torch.Tensor | None = None  # full LRP, vision: [B, H, W]
+    patch_tokens: torch.Tensor | None = None  # full LRP, vision: [B, P]
+
+
+class StreamingRollout:
+    """``v ← v · M`` with ``M = I + E`` (or ``(I + E) / rowsum`` when normalizing), starting at ``e_CLS``."""
+
+    def __init__(self, batch: int, tokens: int, normalize: bool, like: torch.Tensor):
+        self.v = torch.zeros(batch, tokens, dtype=like.dtype, device=like.device)
+        self.v[:, 0] = 1
+        self.normalize = normalize
+
+    def update(self, e: torch.Tensor) -> None:
+        v = self.v
+        if self.normalize:
+            v = v / (1 + e.sum(dim=-1))
+        self.v = v + (v.unsqueeze(1) @ e).squeeze(1)
+
+
+def _resolve_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    return logits.argmax(dim=-1) if target is None else target
+
+
+def run(
+    enc: EncoderSpec,
+    emb: Embedded,
+    method: str,
+    target: torch.Tensor | None,
+    start_layer: int,
+    normalize_rows: bool,
+    check_target,
+) -> MethodOutput:
+    """Run ``method``; ``check_target(logits, target)`` validates/resolves the target once logits exist."""
+    L = enc.depth
+    last = L - 1
+    b, n = emb.tokens.shape[:2]
+
+    if method == "transformer_attribution":
+        trace = engine.forward(enc, emb, engine.Plan(grad_from=start_layer, attn_from=start_layer,
+                                                     cache_from=start_layer))
+        t = check_target(trace.logits, target)
+        grads = engine.attention_gradients(trace, t, list(range(start_layer, L)))
+        agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
+
+        def on_block(i: int, r_attn: torch.Tensor) -> None:
+            agg.update((grads.pop(i) * r_attn).clamp(min=0).mean(dim=1))
+
+        engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "method", start_layer, on_block)
+        return MethodOutput(agg.v, trace.logits.detach(), t)
+
+    if method == "gae":
+        trace = engine.forward(enc, emb, engine.Plan(grad_from=start_layer, attn_from=start_layer))
+        t = check_target(trace.logits, target)
+        grads = engine.attention_gradients(trace, t, list(range(start_layer, L)))
+        agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
+        with torch.no_grad():
+            for i in range(last, start_layer - 1, -1):
+                agg.update((grads.pop(i) * trace.attn.pop(i)).clamp(min=0).mean(dim=1))
+        return MethodOutput(agg.v, trace.logits.detach(), t)
+
+    if method == "rollout":
+        with torch.no_grad():
+            trace = engine.forward(enc, emb, engine.Plan(attn_from=start_layer))
+            t = check_target(trace.logits, target)
+            agg = StreamingRollout(b, n, True, emb.tokens)
+            for i in range(last, start_layer - 1, -1):
+                agg.update(trace.attn.pop(i).mean(dim=1))
+        return MethodOutput(agg.v, trace.logits, t)
+
+    if method == "raw_attention":
+        with torch.no_grad():
+            trace = engine.forward(enc, emb, engine.Plan(attn_from=last))
+            t = check_target(trace.logits, target)
+            row = trace.attn[last].mean(dim=1)[:, 0]
+        return MethodOutput(row, trace.logits, t)
+
+    if method == "attention_gradcam":
+        trace = engine.forward(enc, emb, engine.Plan(grad_from=last, attn_from=last))
+        t = check_target(trace.logits, target)
+        grad = engine.attention_gradients(trace, t, [last])[last]
+        with torch.no_grad():
+            row = _gradcam_row(enc, emb, trace.attn[last].detach(), grad)
+        return MethodOutput(row, trace.logits.detach(), t)
+
+    if method == "partial_lrp":
+        with torch.no_grad():
+            trace = engine.forward(enc, emb, engine.Plan(cache_from=last))
+        t = check_target(trace.logits, target)
+        maps: dict[int, torch.Tensor] = {}
+        engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", last,
+                               lambda i, r: maps.__setitem__(i, r))
+        return MethodOutput(maps[last].clamp(min=0).mean(dim=1)[:, 0], trace.logits, t)
+
+    if method == "full_lrp":
+        with torch.no_grad():
+            trace = engine.forward(enc, emb, engine.Plan(cache_from=0))
+        t = check_target(trace.logits, target)
+        r_in = engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", -1)
+        with torch.no_grad():
+            tokens, patches = emb.to_input(r_in, z_add)
+        if enc.modality == "vision":
+            return MethodOutput(torch.empty(0), trace.logits, t, pixels=tokens, patch_tokens=patches)
+        return MethodOutput(tokens, trace.logits, t)
+
+    raise AssertionError(method)  # validated by the API
+
+
+def _onehot(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    onehot = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    onehot.scatter_(1, target[:, None], 1.0)
+    return onehot
+
+
+def _gradcam_row(enc: EncoderSpec, emb: Embedded, attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Attention GradCAM (SPEC §4): per-head weights from the gradient, weighted head mean, ReLU, min–max.
+
+    Vision averages the gradient over the CLS row's patch columns; text over the whole (real-token) matrix.
+    """
+    if enc.modality == "vision":
+        p = enc.num_prefix_tokens
+        w = grad[:, :, 0, p:].mean(dim=-1)  # [B, H]
+        cam = (w[:, :, None] * attn[:, :, 0, p:]).mean(dim=1).clamp(min=0)  # [B, P]
+        row = torch.zeros(attn.shape[0], attn.shape[-1], dtype=attn.dtype, device=attn.device)
+        row[:, p:] = min_max(cam, None)
+        return row
+    mask = emb.key_mask
+    if mask is None:
+        w = grad.mean(dim=(-1, -2))
+        valid = None
+    else:
+        valid = (mask[:, :, None] & mask[:, None, :])  # [B, N, N]
+        count = valid.sum(dim=(-1, -2)).to(grad.dtype)[:, None]
+        w = (grad * valid[:, None]).sum(dim=(-1, -2)) / count
+    cam = (w[:, :, None, None] * attn).mean(dim=1).clamp(min=0)  # [B, N, N]
+    return min_max(cam, valid)[:, 0]

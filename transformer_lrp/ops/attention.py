@@ -1,0 +1,37 @@
+"""Relevance of the two attention matmuls (SPEC §2.6): the G rule, then halved.
+
+``O = A V`` and ``dots = Q Kᵀ`` are bilinear, so each operand's G-rule relevance already sums to the full output
+relevance; the reference divides both by 2. The softmax between them is an identity (SPEC §2.7), and so are the
+``d^{-1/2}`` scaling and (in the method's rules) the padding-mask add, which is handled by the caller.
+Shapes: ``A [B, H, N, N]``, ``Q, K, V, O [B, H, N, d]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transformer_lrp.ops.common import safe_divide
+
+
+def attention_av_relevance(
+    attn: torch.Tensor, value: torch.Tensor, out: torch.Tensor, relevance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``O = A V``: returns ``(R_A, R_V)``, each half of the G rule.
+
+    ``S = safe_divide(R_O, O)``, ``R_A = A ⊙ (S Vᵀ) / 2``, ``R_V = V ⊙ (Aᵀ S) / 2``.
+    ``R_A`` is the block's attention relevance of the method (``attn_cam`` in the original).
+    """
+    s = safe_divide(relevance, out)
+    r_attn = attn * (s @ value.transpose(-1, -2)) * 0.5
+    r_value = value * (attn.transpose(-1, -2) @ s) * 0.5
+    return r_attn, r_value
+
+
+def attention_qk_relevance(
+    query: torch.Tensor, key: torch.Tensor, dots: torch.Tensor, relevance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``dots = Q Kᵀ`` (unscaled, as the reference's ``matmul1``): returns ``(R_Q, R_K)``, each half of the G rule."""
+    s = safe_divide(relevance, dots)
+    r_query = query * (s @ key) * 0.5
+    r_key = key * (s.transpose(-1, -2) @ query) * 0.5
+    return r_query, r_key

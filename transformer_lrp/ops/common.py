@@ -1,0 +1,20 @@
+"""``safe_divide``: the reference code's stabilised division (SPEC §2.2), reproduced bit for bit."""
+
+from __future__ import annotations
+
+import torch
+
+# The reference adds this to every denominator (not a sign-aware epsilon).
+EPS = 1e-9
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""``a / (b + 1e-9)``, and exactly 0 where ``b == 0``.
+
+    The original computes ``clamp(b, min=eps) + clamp(b, max=eps)``, which equals ``b + eps`` for every ``b``;
+    where that sum is exactly 0 (``b == -eps``) it uses ``eps``. So ``b`` in ``[-eps, 0)`` flips sign, as in
+    the original. Broadcasting follows ``a / b``.
+    """
+    den = b + EPS
+    den = torch.where(den == 0, torch.full_like(den, EPS), den)
+    return torch.where(b == 0, torch.zeros((), dtype=den.dtype, device=den.device), a / den)

@@ -1,0 +1,72 @@
+"""Relevance of the residual add (normalized, SPEC §2.8; plain z-rule for the baselines), clone (§2.9) and the
+CLS select (§2.10). All sums are per sample (over every non-batch dimension), so a sample explained inside a
+batch gets what it gets alone (the original sums over the whole batch, which is only right at batch 1)."""
+
+from __future__ import annotations
+
+import torch
+
+from transformer_lrp.ops.common import safe_divide
+
+
+def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dim=tuple(range(1, t.dim())), keepdim=True)
+
+
+def z_add(relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Plain z-rule for ``Z = u + v``: ``R_u = u ⊙ R ⊘ Z``, ``R_v = v ⊙ R ⊘ Z``. ``v=None`` means ``v = 0``.
+
+    ``v`` may broadcast against ``u`` (a position embedding); ``R_v`` then has ``u``'s shape.
+    """
+    s = safe_divide(relevance, u if v is None else u + v)
+    r_u = u * s
+    r_v = torch.zeros_like(r_u) if v is None else v * s
+    return r_u, r_v
+
+
+def normalized_add(
+    relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The normalized add of the method (SPEC §2.8), per sample.
+
+    z-rule split, then each branch rescaled so that its total is ``|s_b| / (|s_u| + |s_v|) · Σ R``: the two
+    totals add up to ``Σ R``, and a branch whose raw total is negative has its whole map sign-flipped.
+
+    Args:
+        relevance: `[B, ...]`, relevance of ``u + v``.
+        u, v: the two summands, `[B, ...]` (``v`` may broadcast, or be ``None`` for zero).
+
+    Returns:
+        ``(R_u, R_v)``, each with ``relevance``'s shape.
+    """
+    r_u, r_v = z_add(relevance, u, v)
+    s_u, s_v, s = _per_sample_sum(r_u), _per_sample_sum(r_v), _per_sample_sum(relevance)
+    total = s_u.abs() + s_v.abs()
+    f_u = safe_divide(s_u.abs(), total) * s
+    f_v = safe_divide(s_v.abs(), total) * s
+    return r_u * safe_divide(f_u, s_u), r_v * safe_divide(f_v, s_v)
+
+
+def clone_relevance(x: torch.Tensor, *relevances: torch.Tensor) -> torch.Tensor:
+    r"""Backward of a k-way copy: ``R_x = x ⊙ Σ_k safe_divide(R_k, x)`` (≈ ``Σ R_k``; 0 where ``x == 0``)."""
+    total = relevances[0]
+    for r in relevances[1:]:
+        total = total + r
+    return x * safe_divide(total, x)
+
+
+def select_relevance(tokens: torch.Tensor, index: int, relevance: torch.Tensor) -> torch.Tensor:
+    r"""G rule of ``tokens[:, index]`` (the CLS pooling): relevance lands on that token only.
+
+    Args:
+        tokens: `[B, N, D]`, the tensor the pooling read.
+        index: token position.
+        relevance: `[B, D]`, relevance of the pooled vector.
+
+    Returns:
+        `[B, N, D]`, zero except at ``index``.
+    """
+    out = torch.zeros_like(tokens)
+    picked = tokens[:, index]
+    out[:, index] = picked * safe_divide(relevance, picked)
+    return out
