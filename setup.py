@@ -12,6 +12,7 @@ setup(
     packages=find_packages(include=["transformer_lrp", "transformer_lrp.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
+    entry_points={"console_scripts": ["transformer-lrp=transformer_lrp.cli:main"]},
     extras_require={
         "models": ["timm>=1.0", "transformers>=4.40", "safetensors"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "transformers>=4.40", "safetensors"],

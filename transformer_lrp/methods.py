@@ -82,7 +82,8 @@ def run(
         agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
 
         def on_block(i: int, r_attn: torch.Tensor) -> None:
-            agg.update((grads.pop(i) * r_attn).clamp(min=0).mean(dim=1))
+            # in place: the gradient is used once and dropped
+            agg.update(grads.pop(i).mul_(r_attn).clamp_(min=0).mean(dim=1))
 
         engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "method", start_layer, on_block)
         return MethodOutput(agg.v, trace.logits.detach(), t)
@@ -94,7 +95,7 @@ def run(
         agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
         with torch.no_grad():
             for i in range(last, start_layer - 1, -1):
-                agg.update((grads.pop(i) * trace.attn.pop(i)).clamp(min=0).mean(dim=1))
+                agg.update(grads.pop(i).mul_(trace.attn.pop(i)).clamp_(min=0).mean(dim=1))
         return MethodOutput(agg.v, trace.logits.detach(), t)
 
     if method == "rollout":

@@ -117,7 +117,7 @@ def build(model: nn.Module) -> EncoderSpec:
     norm_pre = None if isinstance(model.norm_pre, nn.Identity) else NormSpec.of(
         chk.expect_layernorm(model.norm_pre, "norm_pre")
     )
-    final_norm = NormSpec.of(chk.expect_layernorm(model.norm, "norm"))
+    final_norm = None if isinstance(model.norm, nn.Identity) else NormSpec.of(chk.expect_layernorm(model.norm, "norm"))
     fc_norm = None if isinstance(model.fc_norm, nn.Identity) else NormSpec.of(
         chk.expect_layernorm(model.fc_norm, "fc_norm")
     )

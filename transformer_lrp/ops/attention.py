@@ -21,9 +21,9 @@ def attention_av_relevance(
     ``S = safe_divide(R_O, O)``, ``R_A = A ⊙ (S Vᵀ) / 2``, ``R_V = V ⊙ (Aᵀ S) / 2``.
     ``R_A`` is the block's attention relevance of the method (``attn_cam`` in the original).
     """
-    s = safe_divide(relevance, out)
-    r_attn = attn * (s @ value.transpose(-1, -2)) * 0.5
-    r_value = value * (attn.transpose(-1, -2) @ s) * 0.5
+    half_s = safe_divide(relevance, out).mul_(0.5)  # halving folded into the [B, H, N, d] factor
+    r_attn = (half_s @ value.transpose(-1, -2)).mul_(attn)
+    r_value = (attn.transpose(-1, -2) @ half_s).mul_(value)
     return r_attn, r_value
 
 
@@ -32,6 +32,6 @@ def attention_qk_relevance(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``dots = Q Kᵀ`` (unscaled, as the reference's ``matmul1``): returns ``(R_Q, R_K)``, each half of the G rule."""
     s = safe_divide(relevance, dots)
-    r_query = query * (s @ key) * 0.5
-    r_key = key * (s.transpose(-1, -2) @ query) * 0.5
+    r_query = (s @ key).mul_(query).mul_(0.5)
+    r_key = (s.transpose(-1, -2) @ query).mul_(key).mul_(0.5)
     return r_query, r_key

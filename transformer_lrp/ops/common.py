@@ -16,5 +16,5 @@ def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     the original. Broadcasting follows ``a / b``.
     """
     den = b + EPS
-    den = torch.where(den == 0, torch.full_like(den, EPS), den)
-    return torch.where(b == 0, torch.zeros((), dtype=den.dtype, device=den.device), a / den)
+    den.masked_fill_(den == 0, EPS)
+    return torch.div(a, den).masked_fill_(b == 0, 0)

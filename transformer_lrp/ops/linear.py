@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from transformer_lrp.ops.common import safe_divide
+from transformer_lrp.ops.common import EPS, safe_divide
 
 
 def cancellation_tolerance(dtype: torch.dtype) -> float:
@@ -63,11 +63,12 @@ def linear_alpha1beta0(
         abs_weight = weight.abs()
     abs_x = x.abs()
     z_abs = F.linear(abs_x, abs_weight)
-    z = (z_signed + z_abs) * 0.5
-    # Units whose positive mass is below rounding noise carry no reliable denominator: drop them.
-    z = torch.where(z > cancellation_tolerance(z.dtype) * z_abs, z, torch.zeros((), dtype=z.dtype, device=z.device))
-    s = safe_divide(relevance, z)
-    return (x * (s @ weight) + abs_x * (s @ abs_weight)) * 0.5
+    # With 2z = x Wᵀ + |x||W|ᵀ, S/2 = R / (2z + 2·eps) equals the reference's R / (z + eps) halved, which folds the
+    # identity's 1/2 into S. Units with 2z ≤ 2·tol·|x||W|ᵀ (i.e. x Wᵀ ≤ (2·tol − 1)·|x||W|ᵀ) are dropped.
+    dropped = z_signed <= z_abs * (2 * cancellation_tolerance(z_abs.dtype) - 1)
+    half_s = torch.div(relevance, z_abs.add_(z_signed).add_(2 * EPS)).masked_fill_(dropped, 0)
+    out = (half_s @ weight).mul_(x)
+    return out.addcmul_(abs_x, half_s @ abs_weight)
 
 
 def linear_alpha1beta0_separate(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:

@@ -13,20 +13,21 @@ def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=tuple(range(1, t.dim())), keepdim=True)
 
 
-def z_add(relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Plain z-rule for ``Z = u + v``: ``R_u = u ⊙ R ⊘ Z``, ``R_v = v ⊙ R ⊘ Z``. ``v=None`` means ``v = 0``.
+def z_add(
+    relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Plain z-rule for ``Z = u + v``: ``R_u = u ⊙ R ⊘ Z``, ``R_v = v ⊙ R ⊘ Z``.
 
-    ``v`` may broadcast against ``u`` (a position embedding); ``R_v`` then has ``u``'s shape.
+    ``v`` may broadcast against ``u`` (a position embedding); ``R_v`` then has ``u``'s shape. ``v=None`` means
+    ``v = 0`` (then ``R_v`` is ``None``: nothing to return).
     """
     s = safe_divide(relevance, u if v is None else u + v)
-    r_u = u * s
-    r_v = torch.zeros_like(r_u) if v is None else v * s
-    return r_u, r_v
+    return u * s, (None if v is None else v * s)
 
 
 def normalized_add(
     relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""The normalized add of the method (SPEC §2.8), per sample.
 
     z-rule split, then each branch rescaled so that its total is ``|s_b| / (|s_u| + |s_v|) · Σ R``: the two
@@ -37,14 +38,18 @@ def normalized_add(
         u, v: the two summands, `[B, ...]` (``v`` may broadcast, or be ``None`` for zero).
 
     Returns:
-        ``(R_u, R_v)``, each with ``relevance``'s shape.
+        ``(R_u, R_v)``, each with ``relevance``'s shape (``R_v`` is ``None`` when ``v`` is).
     """
     r_u, r_v = z_add(relevance, u, v)
-    s_u, s_v, s = _per_sample_sum(r_u), _per_sample_sum(r_v), _per_sample_sum(relevance)
+    s_u, s = _per_sample_sum(r_u), _per_sample_sum(relevance)
+    s_v = torch.zeros_like(s_u) if r_v is None else _per_sample_sum(r_v)
     total = s_u.abs() + s_v.abs()
     f_u = safe_divide(s_u.abs(), total) * s
+    r_u = r_u.mul_(safe_divide(f_u, s_u))
+    if r_v is None:
+        return r_u, None
     f_v = safe_divide(s_v.abs(), total) * s
-    return r_u * safe_divide(f_u, s_u), r_v * safe_divide(f_v, s_v)
+    return r_u, r_v.mul_(safe_divide(f_v, s_v))
 
 
 def clone_relevance(x: torch.Tensor, *relevances: torch.Tensor) -> torch.Tensor:

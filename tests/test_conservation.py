@@ -1,0 +1,47 @@
+"""Conservation (SPEC §11): with the method's rules and a one-hot start, total relevance is 1 after the head and
+after every block, per sample."""
+
+import pytest
+import torch
+
+import _models as M
+import transformer_lrp as tl
+from transformer_lrp import engine
+
+CASES = {
+    "timm_vit": (M.timm_vit, lambda: M.images(3)),
+    "timm_deit_distilled": (M.timm_deit_distilled, lambda: M.images(3)),
+    "timm_layerscale_registers": (M.timm_dinov2_like, lambda: M.images(3, size=28)),
+    "hf_vit": (M.hf_vit, lambda: M.images(3)),
+    "bert": (M.hf_bert, lambda: M.text_batch(with_types=True)),
+    "roberta": (M.hf_roberta, lambda: M.text_batch()),
+    "distilbert": (M.hf_distilbert, lambda: M.text_batch()),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_total_relevance_is_one_after_head_and_every_block(name):
+    make_model, make_inputs = CASES[name]
+    model, inputs = make_model(), make_inputs()
+    enc = tl.build_encoder(model)
+    trace = engine.forward(enc, enc.embed(inputs), engine.Plan(cache_from=0))
+    target = trace.logits.argmax(-1)
+    onehot = torch.nn.functional.one_hot(target, enc.num_classes).double()
+    totals = {}
+    engine.relevance_sweep(enc, trace, onehot, "method", -1, on_total=lambda k, r: totals.__setitem__(k, r))
+    assert list(totals) == ["head"] + [f"block{i}" for i in reversed(range(enc.depth))]
+    for where, r in totals.items():
+        per_sample = r.sum(dim=(1, 2))
+        torch.testing.assert_close(per_sample, torch.ones_like(per_sample), rtol=0, atol=1e-5, msg=where)
+
+
+def test_baseline_rules_do_not_conserve():
+    # The baselines' separate-normalizer Linear doubles relevance (SPEC §2.4): a sanity check that the two rule
+    # sets really differ in the engine.
+    model, x = M.timm_vit(), M.images(2)
+    enc = tl.build_encoder(model)
+    trace = engine.forward(enc, enc.embed(x), engine.Plan(cache_from=0))
+    onehot = torch.nn.functional.one_hot(trace.logits.argmax(-1), enc.num_classes).double()
+    totals = {}
+    engine.relevance_sweep(enc, trace, onehot, "baseline", -1, on_total=lambda k, r: totals.__setitem__(k, r))
+    assert (totals["head"].sum(dim=(1, 2)) - 2).abs().max() < 1e-6  # the head Linear alone doubles

@@ -1,0 +1,127 @@
+"""Bad input gets a clear error that names the problem."""
+
+import pytest
+import torch
+
+import _models as M
+import transformer_lrp as tl
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return M.timm_vit()
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return M.hf_bert()
+
+
+@pytest.mark.parametrize(
+    "images,match",
+    [
+        (torch.zeros(3, 32, 32, dtype=torch.float64), r"\[B, C, H, W\]"),
+        (torch.zeros(1, 1, 32, 32, dtype=torch.float64), "channels"),
+        (torch.zeros(1, 3, 48, 32, dtype=torch.float64), "size"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.float32), "dtype"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.long), "floating"),
+        (torch.full((1, 3, 32, 32), float("nan"), dtype=torch.float64), "NaN or Inf"),
+        (torch.full((1, 3, 32, 32), float("inf"), dtype=torch.float64), "NaN or Inf"),
+        ({"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "image tensor"),
+    ],
+    ids=["3d", "channels", "size", "dtype", "integer", "nan", "inf", "dict"],
+)
+def test_bad_images(vit, images, match):
+    with pytest.raises(tl.InputError, match=match):
+        tl.explain(vit, images)
+
+
+@pytest.mark.parametrize(
+    "target,match",
+    [
+        (7, "out of range"),
+        (-1, "out of range"),
+        (torch.tensor([0, 9]), "out of range"),
+        (torch.tensor([0, 1, 2]), r"shape \[2\]"),
+        (torch.tensor([[0, 1]]), "shape"),
+        (torch.tensor([0.5, 1.0]), "class indices"),
+        (True, "class indices"),
+    ],
+    ids=["too_big", "negative", "one_too_big", "wrong_batch", "2d", "float", "bool"],
+)
+def test_bad_targets(vit, target, match):
+    with pytest.raises(tl.InputError, match=match):
+        tl.explain(vit, M.images(2), target)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="lime"), "unknown method"),
+        (dict(start_layer=3), "out of range"),
+        (dict(start_layer=-4), "out of range"),
+        (dict(method="raw_attention", start_layer=1), "start_layer applies"),
+        (dict(method="full_lrp", normalize_rows=True), "normalize_rows applies"),
+        (dict(cls_relevance="drop"), "cls_relevance"),
+        (dict(start_layer=1.0), "must be an int"),
+    ],
+)
+def test_bad_arguments(vit, kwargs, match):
+    with pytest.raises(tl.InputError, match=match):
+        tl.explain(vit, M.images(1), **kwargs)
+
+
+def _ids(*rows):
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize(
+    "inputs,match",
+    [
+        ({"input_ids": _ids([2, 5, 3]), "position_ids": _ids([0, 1, 2])}, "unsupported text input keys"),
+        ({"attention_mask": _ids([1, 1])}, "input_ids"),
+        ({"input_ids": torch.tensor([[2.0, 5.0]])}, "integer tensor"),
+        ({"input_ids": _ids(2, 5, 3)}, r"\[B, T\]"),
+        ({"input_ids": _ids([2, 99, 3])}, "vocabulary"),
+        ({"input_ids": torch.full((1, 41), 5)}, "exceeds"),
+        ({"input_ids": _ids([0, 2, 5]), "attention_mask": _ids([0, 1, 1])}, "left padding"),
+        ({"input_ids": _ids([2, 5, 3]), "attention_mask": _ids([1, 2, 1])}, "only 0 and 1"),
+        ({"input_ids": _ids([2, 5, 3]), "attention_mask": _ids([1, 1])}, "shape"),
+        ({"input_ids": _ids([2, 5, 3]), "token_type_ids": _ids([0, 0, 5])}, "token_type_ids out of range"),
+        (torch.zeros(1, 3, 32, 32), "integer tensor"),
+    ],
+    ids=["unknown_key", "no_ids", "float_ids", "1d", "vocab", "too_long", "left_pad", "mask_values", "mask_shape",
+         "types", "image"],
+)
+def test_bad_text(bert, inputs, match):
+    with pytest.raises(tl.InputError, match=match):
+        tl.explain(bert, inputs)
+
+
+def test_tokenizer_extras_are_accepted(bert):
+    inputs = M.text_batch()
+    inputs["special_tokens_mask"] = torch.zeros_like(inputs["input_ids"])
+    assert tl.explain(bert, inputs).relevance.shape == inputs["input_ids"].shape
+
+
+def test_backends(vit, monkeypatch):
+    x = M.images(1)
+    ref = tl.explain(vit, x, backend="torch").relevance
+    torch.testing.assert_close(tl.explain(vit, x, backend=None).relevance, ref)
+    with pytest.raises(NotImplementedError, match="'triton'.*not part of this build"):
+        tl.explain(vit, x, backend="triton")
+    with pytest.raises(NotImplementedError, match="unknown backend"):
+        tl.explain(vit, x, backend="tpu")
+    monkeypatch.setenv("TLRP_BACKEND", "cuda")
+    with pytest.raises(NotImplementedError, match="TLRP_BACKEND=cuda"):
+        tl.explain(vit, x)
+    monkeypatch.setenv("TLRP_BACKEND", "torch")
+    torch.testing.assert_close(tl.explain(vit, x).relevance, ref)
+
+
+def test_non_finite_logits_are_reported():
+    model = M.timm_vit()
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("inf")
+    with pytest.raises(tl.InputError, match="logits are not finite"):
+        tl.explain(model, M.images(1))

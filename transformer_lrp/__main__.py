@@ -1,0 +1,3 @@
+from transformer_lrp.cli import main
+
+raise SystemExit(main())
