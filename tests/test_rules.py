@@ -64,10 +64,26 @@ def test_sign_split_equals_reference_on_random_layers():
     r = torch.randn(5, 7, 23, generator=g, dtype=D)
     ref = linear_alpha1beta0_ref(x, w, r)
     close(linear_alpha1beta0(x, w, r), ref, 1e-10)
-    # given the forward's own x Wᵀ (what the engine passes), the same
-    close(linear_alpha1beta0(x, w, r, z_signed=x @ w.T), ref, 1e-10)
+    # given the forward's own output x Wᵀ + b and its bias (what the engine passes), the same
+    b = torch.randn(23, generator=g, dtype=D)
+    close(linear_alpha1beta0(x, w, r, output=x @ w.T + b, bias=b), ref, 1e-10)
+    close(linear_alpha1beta0(x, w, r, abs_weight=w.abs()), ref, 1e-10)
     # conservation per output unit: every unit here has positive mass
     close(ref.sum(-1), r.sum(-1), 1e-6)
+
+
+def test_abs_weight_cache_follows_weight_changes():
+    from transformer_lrp.adapters.spec import LinearSpec
+
+    lin = torch.nn.Linear(4, 3).double()
+    spec = LinearSpec.of(lin)
+    first = spec.abs_weight
+    assert torch.equal(first, lin.weight.abs()) and spec.abs_weight is first  # cached
+    with torch.no_grad():
+        lin.weight.mul_(-2)  # an in-place update (as an optimizer step) invalidates it
+    assert torch.equal(LinearSpec.of(lin).abs_weight, lin.weight.abs())
+    lin.weight = torch.nn.Parameter(torch.ones(3, 4, dtype=D))  # so does a new parameter
+    assert torch.equal(LinearSpec.of(lin).abs_weight, torch.ones(3, 4, dtype=D))
 
 
 def test_sign_split_treats_cancellation_noise_as_zero():

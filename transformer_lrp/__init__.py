@@ -2,6 +2,7 @@
 batched, on stock timm and transformers models, with the paper's baselines."""
 
 from transformer_lrp.adapters import SUPPORTED, build_encoder
+from transformer_lrp.adapters.spec import clear_cache
 from transformer_lrp.api import explain
 from transformer_lrp.errors import InputError, UnsupportedModelError
 from transformer_lrp.explanation import Explanation
@@ -16,6 +17,7 @@ __all__ = [
     "InputError",
     "UnsupportedModelError",
     "build_encoder",
+    "clear_cache",
     "explain",
     "__version__",
 ]

@@ -48,7 +48,7 @@ class RuleSet:
 
 
 def _linear_method(x, spec, relevance, y):
-    return linear_alpha1beta0(x, spec.weight, relevance, z_signed=spec.unbiased(y))
+    return linear_alpha1beta0(x, spec.weight, relevance, output=y, bias=spec.bias, abs_weight=spec.abs_weight)
 
 
 def _linear_baseline(x, spec, relevance, y):
@@ -68,7 +68,7 @@ class BlockCache:
     q: torch.Tensor  # [B, H, N, d] (unscaled)
     k: torch.Tensor
     v: torch.Tensor
-    dots: torch.Tensor  # q kᵀ, unscaled [B, H, N, N]
+    scores: torch.Tensor  # scale · q kᵀ, before any padding mask [B, H, N, N]
     attn: torch.Tensor  # softmax output A
     out: torch.Tensor  # A v [B, H, N, d]
     ctx: torch.Tensor  # heads merged [B, N, H·d]
@@ -115,12 +115,11 @@ def block_forward(
         q, k, v = qkv_out[0].view(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
     else:
         q, k, v = (_split_heads(t, heads, hd) for t in qkv_out)
-    dots = q @ k.transpose(-1, -2)
-    scores = dots * blk.scale
-    if masked_keys is not None:
-        scores = scores.masked_fill(masked_keys, torch.finfo(scores.dtype).min)
+    # Scaling q (not the [B, H, N, N] product) saves a buffer; the rules recover the unscaled q kᵀ exactly.
+    scores = (q * blk.scale) @ k.transpose(-1, -2)
+    masked = scores if masked_keys is None else scores.masked_fill(masked_keys, torch.finfo(scores.dtype).min)
     # Half-precision models get an fp32 softmax (as transformers' eager attention does), cast back.
-    attn = scores.softmax(dim=-1, dtype=torch.float32 if scores.dtype in _HALF else None).to(scores.dtype)
+    attn = masked.softmax(dim=-1, dtype=torch.float32 if scores.dtype in _HALF else None).to(scores.dtype)
     out = attn @ v
     ctx = _merge_heads(out)
     proj_out = blk.proj(ctx)
@@ -134,7 +133,7 @@ def block_forward(
     y = mid + branch2 if blk.pre_norm else blk.norm2(branch2 + mid)
     cache = None
     if keep_cache:
-        cache = BlockCache(x, h1, qkv_out, q, k, v, dots, attn, out, ctx, proj_out, branch1, mid, h2, fc1_out,
+        cache = BlockCache(x, h1, qkv_out, q, k, v, scores, attn, out, ctx, proj_out, branch1, mid, h2, fc1_out,
                            act_out, fc2_out, branch2)
     return y, attn, cache
 
@@ -255,8 +254,8 @@ def block_relevance(
     if blk.mask_add:
         # BERT adds its padding mask to the scores; the original propagates through that add. At real keys the
         # mask is 0 and at padded keys R = 0 (A = 0 there), so the mask side never takes relevance.
-        r_scores = add(r_attn, c.dots * blk.scale, None)[0]
-    r_q, r_k = attention_qk_relevance(c.q, c.k, c.dots, r_scores)
+        r_scores = add(r_attn, c.scores, None)[0]
+    r_q, r_k = attention_qk_relevance(c.q, c.k, c.scores, r_scores, blk.scale)
     if blk.fused_qkv:
         b, n, _ = c.h1.shape
         r_qkv = torch.stack([t.transpose(1, 2) for t in (r_q, r_k, r_v)], dim=2).reshape(b, n, -1)

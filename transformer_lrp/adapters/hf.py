@@ -15,8 +15,8 @@ from torch import nn
 
 from transformer_lrp.adapters import _checks as chk
 from transformer_lrp.adapters.spec import BlockSpec, Embedded, EncoderSpec, HeadBranch, LinearSpec, NormSpec
+from transformer_lrp.adapters._vision import check_images, patches_to_pixels
 from transformer_lrp.errors import InputError, UnsupportedModelError
-from transformer_lrp.ops import patch_embed_zb_relevance
 
 TEXT_FAMILIES = ("BertForSequenceClassification", "RobertaForSequenceClassification",
                  "DistilBertForSequenceClassification")
@@ -282,8 +282,6 @@ def _vit_block(layer: nn.Module, path: str, cfg) -> BlockSpec:
 
 
 def _build_vit(model: nn.Module) -> EncoderSpec:
-    from transformer_lrp.adapters.timm_vit import _check_images
-
     cfg = model.config
     vit = model.vit
     layers = vit.layers if hasattr(vit, "layers") else vit.encoder.layer
@@ -305,16 +303,13 @@ def _build_vit(model: nn.Module) -> EncoderSpec:
     grid = (img_size[0] // patch[0], img_size[1] // patch[1])
 
     def embed(images: object) -> Embedded:
-        x = _check_images(images, weight, img_size)
+        x = check_images(images, weight, img_size)
         patches = torch.nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding).flatten(2).transpose(1, 2)
         b = patches.shape[0]
         u = torch.cat([cls.expand(b, -1, -1), patches], dim=1)
 
         def to_input(relevance: torch.Tensor, add_rule) -> tuple[torch.Tensor, torch.Tensor]:
-            r_patches = add_rule(relevance, u, pos)[0][:, 1:]
-            r_grid = r_patches.transpose(1, 2).reshape(b, -1, grid[0], grid[1])
-            pixels = patch_embed_zb_relevance(x, weight, conv.stride, conv.padding, r_grid)
-            return pixels.sum(dim=1), r_patches.sum(dim=-1)
+            return patches_to_pixels(add_rule(relevance, u, pos)[0][:, 1:], x, conv, grid)
 
         return Embedded(tokens=u + pos, key_mask=None, to_input=to_input)
 

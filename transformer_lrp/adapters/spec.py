@@ -11,6 +11,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 Modality = Literal["vision", "text"]
 
@@ -19,21 +20,43 @@ def _view(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
+# |W| per weight parameter, for the sign-split α1β0 rule: derived once per model, not per call. Keyed by the
+# parameter object (weakly: it goes with the model) and invalidated when the weight changes in place
+# (``_version``) or is replaced (``data_ptr``).
+_ABS_WEIGHTS = WeakIdKeyDictionary()
+
+
+def cached_abs(param: torch.Tensor) -> torch.Tensor:
+    state = (param._version, param.data_ptr(), param.dtype, param.device)
+    hit = _ABS_WEIGHTS.get(param)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    value = param.detach().abs()
+    _ABS_WEIGHTS[param] = (state, value)
+    return value
+
+
+def clear_cache() -> None:
+    """Free the derived weights (``|W|``) kept for models explained so far."""
+    _ABS_WEIGHTS.clear()
+
+
 @dataclass(frozen=True)
 class LinearSpec:
     weight: torch.Tensor  # [out, in]
     bias: torch.Tensor | None  # [out]
+    source: torch.Tensor | None = None  # the model's weight Parameter (key of the |W| cache)
 
     @classmethod
     def of(cls, module: torch.nn.Linear) -> LinearSpec:
-        return cls(_view(module.weight), _view(module.bias))
+        return cls(_view(module.weight), _view(module.bias), module.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def unbiased(self, y: torch.Tensor) -> torch.Tensor:
-        """``x Wᵀ`` recovered from the forward output ``y = x Wᵀ + b`` (the sign-split rule reuses it)."""
-        return y if self.bias is None else y - self.bias
+    @property
+    def abs_weight(self) -> torch.Tensor:
+        return self.weight.abs() if self.source is None else cached_abs(self.source)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from torch import nn
 
 from transformer_lrp.adapters import _checks as chk
 from transformer_lrp.adapters.spec import BlockSpec, Embedded, EncoderSpec, HeadBranch, LinearSpec, NormSpec
-from transformer_lrp.errors import InputError, UnsupportedModelError
-from transformer_lrp.ops import patch_embed_zb_relevance
+from transformer_lrp.adapters._vision import check_images, patches_to_pixels
+from transformer_lrp.errors import UnsupportedModelError
 
 
 def _timm_classes() -> dict[str, type]:
@@ -150,7 +150,7 @@ def build(model: nn.Module) -> EncoderSpec:
     num_prefix = int(model.num_prefix_tokens)
 
     def embed(images: object) -> Embedded:
-        x = _check_images(images, weight, img_size)
+        x = check_images(images, weight, img_size)
         patches = torch.nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding)
         patches = patches.flatten(2).transpose(1, 2)  # [B, P, D]
         b = patches.shape[0]
@@ -175,9 +175,7 @@ def build(model: nn.Module) -> EncoderSpec:
                 r_patches = add_rule(relevance[:, num_prefix:], u, v)[0]
             else:
                 r_patches = add_rule(relevance, u, v)[0][:, num_prefix:]
-            r_grid = r_patches.transpose(1, 2).reshape(b, -1, grid[0], grid[1])
-            pixels = patch_embed_zb_relevance(x, weight, conv.stride, conv.padding, r_grid)
-            return pixels.sum(dim=1), r_patches.sum(dim=-1)
+            return patches_to_pixels(r_patches, x, conv, grid)
 
         return Embedded(tokens=tokens, key_mask=None, to_input=to_input)
 
@@ -193,17 +191,3 @@ def build(model: nn.Module) -> EncoderSpec:
         grid_size=grid,  # type: ignore[arg-type]
         image_size=img_size,  # type: ignore[arg-type]
     )
-
-
-def _check_images(images: object, weight: torch.Tensor, img_size: tuple[int, ...]) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise InputError(f"vision models take an image tensor [B, C, H, W], got {type(images).__name__}")
-    if images.dim() != 4:
-        raise InputError(f"expected images of shape [B, C, H, W], got shape {tuple(images.shape)}")
-    b, ch, h, w = images.shape
-    if ch != weight.shape[1]:
-        raise InputError(f"expected {weight.shape[1]} image channels, got {ch} (shape {tuple(images.shape)})")
-    if (h, w) != tuple(img_size):
-        raise InputError(f"expected images of size {tuple(img_size)}, got {(h, w)}: the model's img_size is fixed")
-    chk.check_float_input("images", images, weight)
-    return images

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from transformer_lrp.ops.common import safe_divide
+from transformer_lrp.ops.common import EPS, safe_divide
 
 
 def attention_av_relevance(
@@ -28,10 +28,16 @@ def attention_av_relevance(
 
 
 def attention_qk_relevance(
-    query: torch.Tensor, key: torch.Tensor, dots: torch.Tensor, relevance: torch.Tensor
+    query: torch.Tensor, key: torch.Tensor, scores: torch.Tensor, relevance: torch.Tensor, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""``dots = Q Kᵀ`` (unscaled, as the reference's ``matmul1``): returns ``(R_Q, R_K)``, each half of the G rule."""
-    s = safe_divide(relevance, dots)
-    r_query = (s @ key).mul_(query).mul_(0.5)
-    r_key = (s.transpose(-1, -2) @ query).mul_(key).mul_(0.5)
+    r"""``Q Kᵀ``: returns ``(R_Q, R_K)``, each half of the G rule.
+
+    The reference's ``matmul1`` outputs the unscaled ``dots = Q Kᵀ``; the forward keeps ``scores = scale · dots``
+    instead (no extra ``[B, H, N, N]`` buffer), and ``safe_divide(R, dots) = scale · safe_divide(R, scores,
+    scale · eps)`` recovers the reference exactly.
+    """
+    s = safe_divide(relevance, scores, EPS * scale)
+    factor = 0.5 * scale
+    r_query = (s @ key).mul_(query).mul_(factor)
+    r_key = (s.transpose(-1, -2) @ query).mul_(key).mul_(factor)
     return r_query, r_key

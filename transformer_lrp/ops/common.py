@@ -8,13 +8,14 @@ import torch
 EPS = 1e-9
 
 
-def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     r"""``a / (b + 1e-9)``, and exactly 0 where ``b == 0``.
 
     The original computes ``clamp(b, min=eps) + clamp(b, max=eps)``, which equals ``b + eps`` for every ``b``;
     where that sum is exactly 0 (``b == -eps``) it uses ``eps``. So ``b`` in ``[-eps, 0)`` flips sign, as in
-    the original. Broadcasting follows ``a / b``.
+    the original. Broadcasting follows ``a / b``. ``eps`` is for callers that divide by a scaled ``b``
+    (``safe_divide(a, c·b, c·eps) == safe_divide(a, b) / c``).
     """
-    den = b + EPS
-    den.masked_fill_(den == 0, EPS)
+    den = b + eps
+    den.masked_fill_(den == 0, eps)
     return torch.div(a, den).masked_fill_(b == 0, 0)

@@ -42,33 +42,41 @@ def linear_alpha1beta0(
     x: torch.Tensor,
     weight: torch.Tensor,
     relevance: torch.Tensor,
-    z_signed: torch.Tensor | None = None,
+    output: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     abs_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""LRP-α1β0 via the sign-split identity (3 GEMMs when ``z_signed`` is given).
+    r"""LRP-α1β0 via the sign-split identity (3 GEMMs when the forward's ``output`` is given).
 
     Args:
         x: the layer's input, `[..., in]`.
         weight: `[out, in]`.
         relevance: relevance of the output, `[..., out]`.
-        z_signed: ``x @ weight.T`` (the forward output minus its bias), `[..., out]`. Computed when absent.
-        abs_weight: ``weight.abs()``, if the caller caches it.
+        output: the forward's ``x @ weight.T + bias``, `[..., out]`, reused for ``x Wᵀ``. Computed when absent.
+        bias: the bias inside ``output`` (subtracted), if any.
+        abs_weight: ``weight.abs()``, when the caller caches it.
 
     Returns:
-        Relevance of ``x``, `[..., in]`.
+        Relevance of ``x``, `[..., in]` (a fresh tensor).
     """
-    if z_signed is None:
-        z_signed = F.linear(x, weight)
+    if output is None:
+        output, bias = F.linear(x, weight), None
     if abs_weight is None:
         abs_weight = weight.abs()
+    # 2-D views: every product below is a plain GEMM. Few fresh [..., out] buffers, the rest in place.
+    shape_in, n_out = x.shape, weight.shape[0]
+    x, relevance, output = x.reshape(-1, shape_in[-1]), relevance.reshape(-1, n_out), output.reshape(-1, n_out)
     abs_x = x.abs()
-    z_abs = F.linear(abs_x, abs_weight)
-    # With 2z = x Wᵀ + |x||W|ᵀ, S/2 = R / (2z + 2·eps) equals the reference's R / (z + eps) halved, which folds the
-    # identity's 1/2 into S. Units with 2z ≤ 2·tol·|x||W|ᵀ (i.e. x Wᵀ ≤ (2·tol − 1)·|x||W|ᵀ) are dropped.
-    dropped = z_signed <= z_abs * (2 * cancellation_tolerance(z_abs.dtype) - 1)
-    half_s = torch.div(relevance, z_abs.add_(z_signed).add_(2 * EPS)).masked_fill_(dropped, 0)
+    z_abs = abs_x @ abs_weight.t()
+    den = torch.add(z_abs, output)  # 2z = x Wᵀ + |x||W|ᵀ (+ b)
+    if bias is not None:
+        den.sub_(bias)
+    # Units with 2z ≤ 2·tol·|x||W|ᵀ have no positive mass above rounding noise: dropped.
+    dropped = torch.le(den, z_abs.mul_(2 * cancellation_tolerance(den.dtype)))
+    # S/2 = R / (2z + 2·eps) is the reference's R / (z + eps), halved: the identity's 1/2 is folded into S.
+    half_s = torch.div(relevance, den.add_(2 * EPS), out=den).masked_fill_(dropped, 0)
     out = (half_s @ weight).mul_(x)
-    return out.addcmul_(abs_x, half_s @ abs_weight)
+    return out.addcmul_(abs_x, half_s @ abs_weight).view(shape_in)
 
 
 def linear_alpha1beta0_separate(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
