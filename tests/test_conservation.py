@@ -19,12 +19,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("pooled_top", [False, True], ids=["all_rows", "pooled_top"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_total_relevance_is_one_after_head_and_every_block(name):
+def test_total_relevance_is_one_after_head_and_every_block(name, pooled_top):
     make_model, make_inputs = CASES[name]
     model, inputs = make_model(), make_inputs()
     enc = tl.build_encoder(model)
-    trace = engine.forward(enc, enc.embed(inputs), engine.Plan(cache_from=0))
+    trace = engine.forward(enc, enc.embed(inputs), engine.Plan(cache_from=0, pooled_top=pooled_top))
     target = trace.logits.argmax(-1)
     onehot = torch.nn.functional.one_hot(target, enc.num_classes).double()
     totals = {}

@@ -175,3 +175,24 @@ def test_target_none_explains_the_argmax(vit_case):
     torch.testing.assert_close(same.relevance, out.relevance, rtol=0, atol=0)
     one = tl.explain(model, x, 2)
     assert torch.equal(one.target, torch.full((4,), 2))
+
+
+@pytest.mark.parametrize("family", ["timm_vit", "deit_distilled", "bert_padded"])
+@pytest.mark.parametrize("method", tl.METHODS)
+def test_pooled_top_block_is_exact(family, method, monkeypatch):
+    # The engine computes the last block for the pooled tokens only; forcing every row must change nothing.
+    model, inputs = {
+        "timm_vit": lambda: (M.timm_vit(), M.images(2)),
+        "deit_distilled": lambda: (M.timm_deit_distilled(), M.images(2)),
+        "bert_padded": lambda: (M.hf_bert(), M.text_batch((9, 6))),
+    }[family]()
+    fast = tl.explain(model, inputs, method=method)
+    real_forward = engine.forward
+
+    def all_rows(enc, emb, plan):
+        return real_forward(enc, emb, engine.Plan(plan.grad_from, plan.attn_from, plan.cache_from, pooled_top=False))
+
+    monkeypatch.setattr(engine, "forward", all_rows)
+    full = tl.explain(model, inputs, method=method)
+    torch.testing.assert_close(fast.relevance, full.relevance, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast.logits, full.logits, rtol=1e-12, atol=1e-12)

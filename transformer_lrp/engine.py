@@ -80,6 +80,9 @@ class BlockCache:
     act_out: torch.Tensor
     fc2_out: torch.Tensor
     branch2: torch.Tensor
+    # Query rows computed (the top block computes only the pooled tokens' rows); None = all. From ``q`` on, the
+    # tensors above hold only these rows; ``x``, ``h1``, ``qkv_out``, ``k`` and ``v`` hold all tokens.
+    rows: list[int] | None = None
 
 
 @dataclass
@@ -88,9 +91,15 @@ class Trace:
     attn: dict[int, torch.Tensor] = field(default_factory=dict)  # block → A (in the autograd graph if tracked)
     caches: dict[int, BlockCache] = field(default_factory=dict)
     pooled_inputs: torch.Tensor | None = None  # tokens the head reads (after the final norm)
+    # Token positions the last block computed (its output and attention rows), None = all tokens.
+    top_rows: list[int] | None = None
     head_inputs: list[list[torch.Tensor]] = field(default_factory=list)  # per branch, input of each head layer
     head_outputs: list[list[torch.Tensor]] = field(default_factory=list)
     branch_logits: list[torch.Tensor] = field(default_factory=list)
+
+    def row_of(self, token: int) -> int:
+        """Index of ``token`` in the last block's rows (attention rows, output tokens)."""
+        return token if self.top_rows is None else self.top_rows.index(token)
 
 
 def _split_heads(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -104,9 +113,13 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
 
 
 def block_forward(
-    blk: BlockSpec, x: torch.Tensor, masked_keys: torch.Tensor | None, keep_cache: bool
+    blk: BlockSpec, x: torch.Tensor, masked_keys: torch.Tensor | None, keep_cache: bool, rows: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, BlockCache | None]:
-    """Returns ``(output, A, cache)``. ``masked_keys``: `[B, 1, 1, N]` bool, True where the key is padding."""
+    """Returns ``(output, A, cache)``. ``masked_keys``: `[B, 1, 1, N]` bool, True where the key is padding.
+
+    ``rows``: compute the output (and attention rows) of these token positions only: keys and values still come
+    from every token. The last block needs only the tokens the head reads.
+    """
     h1 = blk.norm1(x) if blk.pre_norm else x
     qkv_out = [lin(h1) for lin in blk.qkv]
     heads, hd = blk.num_heads, blk.head_dim
@@ -115,6 +128,9 @@ def block_forward(
         q, k, v = qkv_out[0].view(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
     else:
         q, k, v = (_split_heads(t, heads, hd) for t in qkv_out)
+    x_rows = x
+    if rows is not None:
+        q, x_rows = q[:, :, rows], x[:, rows]
     # Scaling q (not the [B, H, N, N] product) saves a buffer; the rules recover the unscaled q kᵀ exactly.
     scores = (q * blk.scale) @ k.transpose(-1, -2)
     masked = scores if masked_keys is None else scores.masked_fill(masked_keys, torch.finfo(scores.dtype).min)
@@ -124,7 +140,7 @@ def block_forward(
     ctx = _merge_heads(out)
     proj_out = blk.proj(ctx)
     branch1 = proj_out * blk.ls1 if blk.ls1 is not None else proj_out
-    mid = x + branch1 if blk.pre_norm else blk.norm1(branch1 + x)
+    mid = x_rows + branch1 if blk.pre_norm else blk.norm1(branch1 + x_rows)
     h2 = blk.norm2(mid) if blk.pre_norm else mid
     fc1_out = blk.fc1(h2)
     act_out = ACTIVATIONS[blk.act](fc1_out)
@@ -134,7 +150,7 @@ def block_forward(
     cache = None
     if keep_cache:
         cache = BlockCache(x, h1, qkv_out, q, k, v, scores, attn, out, ctx, proj_out, branch1, mid, h2, fc1_out,
-                           act_out, fc2_out, branch2)
+                           act_out, fc2_out, branch2, rows)
     return y, attn, cache
 
 
@@ -144,7 +160,7 @@ def head_forward(enc: EncoderSpec, tokens: torch.Tensor, trace: Trace) -> torch.
     trace.pooled_inputs = tokens
     logits = None
     for branch in enc.head:
-        h = tokens[:, branch.token]
+        h = tokens[:, trace.row_of(branch.token)]
         ins, outs = [], []
         for kind, layer in branch.layers:
             ins.append(h)
@@ -169,6 +185,9 @@ class Plan:
     grad_from: int | None = None
     attn_from: int | None = None
     cache_from: int | None = None
+    # Compute the last block for the pooled tokens only (exact: the head reads nothing else). Off for methods that
+    # read the last block's full attention matrix.
+    pooled_top: bool = False
 
 
 def forward(enc: EncoderSpec, emb: Embedded, plan: Plan) -> Trace:
@@ -177,18 +196,19 @@ def forward(enc: EncoderSpec, emb: Embedded, plan: Plan) -> Trace:
     attn: dict[int, torch.Tensor] = {}
     caches: dict[int, BlockCache] = {}
     track = plan.grad_from is not None
+    top_rows = sorted({branch.token for branch in enc.head}) if plan.pooled_top else None
     for i, blk in enumerate(enc.blocks):
         tracked = track and i >= plan.grad_from
         if tracked and i == plan.grad_from:
             x = x.detach().requires_grad_(True)
         with torch.set_grad_enabled(tracked):
             keep = plan.cache_from is not None and i >= plan.cache_from
-            x, a, cache = block_forward(blk, x, masked, keep)
+            x, a, cache = block_forward(blk, x, masked, keep, top_rows if i == enc.depth - 1 else None)
         if plan.attn_from is not None and i >= plan.attn_from:
             attn[i] = a
         if cache is not None:
             caches[i] = cache
-    trace = Trace(logits=torch.empty(0), attn=attn, caches=caches)
+    trace = Trace(logits=torch.empty(0), attn=attn, caches=caches, top_rows=top_rows)
     with torch.set_grad_enabled(track):
         trace.logits = head_forward(enc, x, trace)
     return trace
@@ -220,8 +240,16 @@ def head_relevance(enc: EncoderSpec, trace: Trace, onehot: torch.Tensor, rules: 
         ):
             if kind == "linear":
                 r = rules.linear(x, layer, r, y)
-        total = total + select_relevance(tokens, branch.token, r)
+        total = total + select_relevance(tokens, trace.row_of(branch.token), r)
     return total
+
+
+def _scatter_rows(t: torch.Tensor, rows: list[int], n: int, dim: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = n
+    full = t.new_zeros(shape)
+    full.index_copy_(dim, torch.tensor(rows, device=t.device), t)
+    return full
 
 
 def block_relevance(
@@ -241,10 +269,11 @@ def block_relevance(
     r_h2 = linear(c.h2, blk.fc1, r_act, c.fc1_out)
     r_mid = clone_relevance(c.mid, r_h2, r_mid_res)
     # Attention half: the residual add, the output projection, then A·V.
+    x_rows = c.x if c.rows is None else c.x[:, c.rows]
     if blk.pre_norm:
-        r_x_res, r_branch1 = add(r_mid, c.x, c.branch1)
+        r_x_res, r_branch1 = add(r_mid, x_rows, c.branch1)
     else:
-        r_branch1, r_x_res = add(r_mid, c.branch1, c.x)
+        r_branch1, r_x_res = add(r_mid, c.branch1, x_rows)
     r_ctx = linear(c.ctx, blk.proj, r_branch1, c.proj_out)
     r_out = _split_heads(r_ctx, blk.num_heads, blk.head_dim)
     r_attn, r_v = attention_av_relevance(c.attn, c.v, c.out, r_out)
@@ -256,6 +285,9 @@ def block_relevance(
         # mask is 0 and at padded keys R = 0 (A = 0 there), so the mask side never takes relevance.
         r_scores = add(r_attn, c.scores, None)[0]
     r_q, r_k = attention_qk_relevance(c.q, c.k, c.scores, r_scores, blk.scale)
+    if c.rows is not None:  # back to all tokens: the skipped rows carry no relevance
+        r_q = _scatter_rows(r_q, c.rows, r_k.shape[2], dim=2)
+        r_x_res = _scatter_rows(r_x_res, c.rows, c.x.shape[1], dim=1)
     if blk.fused_qkv:
         b, n, _ = c.h1.shape
         r_qkv = torch.stack([t.transpose(1, 2) for t in (r_q, r_k, r_v)], dim=2).reshape(b, n, -1)

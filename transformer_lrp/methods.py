@@ -49,11 +49,19 @@ class StreamingRollout:
         self.v[:, 0] = 1
         self.normalize = normalize
 
-    def update(self, e: torch.Tensor) -> None:
-        v = self.v
+    def update(self, e: torch.Tensor, rows: list[int] | None = None) -> None:
+        """``e``: `[B, N, N]`, or `[B, len(rows), N]` when only ``rows`` of it are known (the pooled top block:
+        valid there because ``v`` is still ``e_CLS``, zero outside those rows)."""
+        if rows is None:
+            v = self.v / (1 + e.sum(dim=-1)) if self.normalize else self.v
+            self.v = v + (v.unsqueeze(1) @ e).squeeze(1)
+            return
+        v_rows = self.v[:, rows]
         if self.normalize:
-            v = v / (1 + e.sum(dim=-1))
-        self.v = v + (v.unsqueeze(1) @ e).squeeze(1)
+            v_rows = v_rows / (1 + e.sum(dim=-1))
+        v = self.v.clone()
+        v[:, rows] = v_rows
+        self.v = v + (v_rows.unsqueeze(1) @ e).squeeze(1)
 
 
 def _resolve_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -76,64 +84,66 @@ def run(
 
     if method == "transformer_attribution":
         trace = engine.forward(enc, emb, engine.Plan(grad_from=start_layer, attn_from=start_layer,
-                                                     cache_from=start_layer))
+                                                     cache_from=start_layer, pooled_top=True))
         t = check_target(trace.logits, target)
         grads = engine.attention_gradients(trace, t, list(range(start_layer, L)))
         agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
 
         def on_block(i: int, r_attn: torch.Tensor) -> None:
             # in place: the gradient is used once and dropped
-            agg.update(grads.pop(i).mul_(r_attn).clamp_(min=0).mean(dim=1))
+            agg.update(grads.pop(i).mul_(r_attn).clamp_(min=0).mean(dim=1), _rows(trace, i, L))
 
         engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "method", start_layer, on_block)
         return MethodOutput(agg.v, trace.logits.detach(), t)
 
     if method == "gae":
-        trace = engine.forward(enc, emb, engine.Plan(grad_from=start_layer, attn_from=start_layer))
+        trace = engine.forward(enc, emb, engine.Plan(grad_from=start_layer, attn_from=start_layer, pooled_top=True))
         t = check_target(trace.logits, target)
         grads = engine.attention_gradients(trace, t, list(range(start_layer, L)))
         agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
         with torch.no_grad():
             for i in range(last, start_layer - 1, -1):
-                agg.update(grads.pop(i).mul_(trace.attn.pop(i)).clamp_(min=0).mean(dim=1))
+                agg.update(grads.pop(i).mul_(trace.attn.pop(i)).clamp_(min=0).mean(dim=1), _rows(trace, i, L))
         return MethodOutput(agg.v, trace.logits.detach(), t)
 
     if method == "rollout":
         with torch.no_grad():
-            trace = engine.forward(enc, emb, engine.Plan(attn_from=start_layer))
+            trace = engine.forward(enc, emb, engine.Plan(attn_from=start_layer, pooled_top=True))
             t = check_target(trace.logits, target)
             agg = StreamingRollout(b, n, True, emb.tokens)
             for i in range(last, start_layer - 1, -1):
-                agg.update(trace.attn.pop(i).mean(dim=1))
+                agg.update(trace.attn.pop(i).mean(dim=1), _rows(trace, i, L))
         return MethodOutput(agg.v, trace.logits, t)
 
     if method == "raw_attention":
         with torch.no_grad():
-            trace = engine.forward(enc, emb, engine.Plan(attn_from=last))
+            trace = engine.forward(enc, emb, engine.Plan(attn_from=last, pooled_top=True))
             t = check_target(trace.logits, target)
-            row = trace.attn[last].mean(dim=1)[:, 0]
+            row = trace.attn[last].mean(dim=1)[:, trace.row_of(0)]
         return MethodOutput(row, trace.logits, t)
 
     if method == "attention_gradcam":
-        trace = engine.forward(enc, emb, engine.Plan(grad_from=last, attn_from=last))
+        # Text GradCAM normalizes over the whole last attention matrix: it needs every row.
+        pooled = enc.modality == "vision"
+        trace = engine.forward(enc, emb, engine.Plan(grad_from=last, attn_from=last, pooled_top=pooled))
         t = check_target(trace.logits, target)
         grad = engine.attention_gradients(trace, t, [last])[last]
         with torch.no_grad():
-            row = _gradcam_row(enc, emb, trace.attn[last].detach(), grad)
+            row = _gradcam_row(enc, emb, trace.attn[last].detach(), grad, trace.row_of(0))
         return MethodOutput(row, trace.logits.detach(), t)
 
     if method == "partial_lrp":
         with torch.no_grad():
-            trace = engine.forward(enc, emb, engine.Plan(cache_from=last))
+            trace = engine.forward(enc, emb, engine.Plan(cache_from=last, pooled_top=True))
         t = check_target(trace.logits, target)
         maps: dict[int, torch.Tensor] = {}
         engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", last,
                                lambda i, r: maps.__setitem__(i, r))
-        return MethodOutput(maps[last].clamp(min=0).mean(dim=1)[:, 0], trace.logits, t)
+        return MethodOutput(maps[last].clamp(min=0).mean(dim=1)[:, trace.row_of(0)], trace.logits, t)
 
     if method == "full_lrp":
         with torch.no_grad():
-            trace = engine.forward(enc, emb, engine.Plan(cache_from=0))
+            trace = engine.forward(enc, emb, engine.Plan(cache_from=0, pooled_top=True))
         t = check_target(trace.logits, target)
         r_in = engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", -1)
         with torch.no_grad():
@@ -145,21 +155,26 @@ def run(
     raise AssertionError(method)  # validated by the API
 
 
+def _rows(trace: engine.Trace, block: int, depth: int) -> list[int] | None:
+    """The rows the block's maps hold: the pooled tokens for the last block when it was computed for them only."""
+    return trace.top_rows if block == depth - 1 else None
+
+
 def _onehot(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     onehot = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
     onehot.scatter_(1, target[:, None], 1.0)
     return onehot
 
 
-def _gradcam_row(enc: EncoderSpec, emb: Embedded, attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _gradcam_row(enc: EncoderSpec, emb: Embedded, attn: torch.Tensor, grad: torch.Tensor, cls_row: int) -> torch.Tensor:
     """Attention GradCAM (SPEC §4): per-head weights from the gradient, weighted head mean, ReLU, min–max.
 
     Vision averages the gradient over the CLS row's patch columns; text over the whole (real-token) matrix.
     """
     if enc.modality == "vision":
         p = enc.num_prefix_tokens
-        w = grad[:, :, 0, p:].mean(dim=-1)  # [B, H]
-        cam = (w[:, :, None] * attn[:, :, 0, p:]).mean(dim=1).clamp(min=0)  # [B, P]
+        w = grad[:, :, cls_row, p:].mean(dim=-1)  # [B, H]
+        cam = (w[:, :, None] * attn[:, :, cls_row, p:]).mean(dim=1).clamp(min=0)  # [B, P]
         row = torch.zeros(attn.shape[0], attn.shape[-1], dtype=attn.dtype, device=attn.device)
         row[:, p:] = min_max(cam, None)
         return row
