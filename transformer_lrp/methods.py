@@ -64,10 +64,6 @@ class StreamingRollout:
         self.v = v + (v_rows.unsqueeze(1) @ e).squeeze(1)
 
 
-def _resolve_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    return logits.argmax(dim=-1) if target is None else target
-
-
 def run(
     enc: EncoderSpec,
     emb: Embedded,
