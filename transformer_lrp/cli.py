@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -70,6 +71,58 @@ def explain_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Every method on the real-weights benchmarks; writes ``<out>.md`` and ``<out>.csv``."""
+    import platform
+    import shlex
+
+    from transformer_lrp.evaluation import data, real_models, report, runner
+    from transformer_lrp.methods import METHODS
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank() if distributed else 0
+    torch.set_num_threads(max(1, args.threads or torch.get_num_threads()))
+    methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
+    tasks = args.tasks.split(",")
+    t0 = time.perf_counter()
+    sections = []
+    if "canvas" in tasks:
+        model = real_models.load_dinov2_canvas(Path(args.models_dir) / "dinov2_canvas.pt").to(args.device)
+        bench = data.fashion_canvases(args.n_images, seed=args.seed, split="test",
+                                      classes=real_models.canvas_classes(model))
+        res = runner.evaluate_images(model, real_models.normalize, bench, methods, args.batch_size)
+        sections.append((f"Image perturbation and segmentation: DINOv2 ViT-S/14 + trained head, "
+                         f"{args.n_images} Fashion-MNIST canvases (seed {args.seed})", "image", res))
+    if "movies" in tasks or "planted" in tasks:
+        model, tok = real_models.load_minilm_movies(Path(args.models_dir) / "minilm_movies")
+        model = model.to(args.device)
+        if "movies" in tasks:
+            bench = data.movie_sentences("test")
+            bench = data.TextBenchmark(bench.texts[: args.n_texts], bench.labels[: args.n_texts])
+            res = runner.evaluate_text_perturbation(model, tok, bench, methods, args.batch_size * 2)
+            sections.append((f"Text perturbation: fine-tuned MiniLM, {len(bench.texts)} Rotten-Tomatoes test "
+                             "sentences", "text", res))
+        if "planted" in tasks:
+            bench = data.planted_rationales(args.n_planted, seed=args.seed + 1, vocab=set(tok.vocab))
+            res = runner.evaluate_rationales(model, tok, bench, methods, batch_size=args.batch_size * 2)
+            sections.append((f"Token-F1 against planted rationales: fine-tuned MiniLM, {args.n_planted} sentences "
+                             f"(seed {args.seed + 1})", "rationale", res))
+    elapsed = time.perf_counter() - t0
+    if rank == 0:
+        world = torch.distributed.get_world_size() if distributed else 1
+        command = shlex.join(["transformer-lrp", *sys.argv[1:]])
+        header = (f"# transformer-lrp evaluation\n\nCommand: `{command}`  \n"
+                  f"Wall time: {elapsed:.0f} s on {platform.machine()} CPU ({torch.get_num_threads()} threads, "
+                  f"{world} process(es)), torch {torch.__version__}")
+        report.write_results(Path(args.out), sections, header)
+        print(Path(args.out).with_suffix(".md").read_text())
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformer_lrp.methods import METHODS
@@ -86,7 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--normalize-rows", action="store_true")
     p.add_argument("--cls-relevance", default="keep", choices=["keep", "zero", "min"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    e = sub.add_parser("evaluate", help="run every method on the real-weights benchmarks and write a results table")
+    e.add_argument("--tasks", default="canvas,movies,planted", help="comma list of canvas, movies, planted")
+    e.add_argument("--models-dir", default="models", help="where scripts/build_real_models.py saved the models")
+    e.add_argument("--methods", default="all", help="comma list of methods (default: all)")
+    e.add_argument("--n-images", type=int, default=100)
+    e.add_argument("--n-texts", type=int, default=500)
+    e.add_argument("--n-planted", type=int, default=500)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--out", default="results/evaluation", help="output path without suffix (.md and .csv)")
     args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        return evaluate_command(args)
     return explain_command(args)
 
 

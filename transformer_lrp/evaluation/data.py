@@ -96,7 +96,7 @@ def fashion_canvases(
         masks[i, oy : oy + side, ox : ox + side] = obj_mask
         # distractor: a patch of a real photo where it does not touch the object's box
         photo = photos[rng.integers(len(photos))]
-        d = int(rng.integers(40, 81))
+        d = int(rng.integers(max(4, size // 6), max(5, size // 3) + 1))  # 37–74 px at 224
         for _ in range(20):
             dy, dx = rng.integers(0, size - d + 1), rng.integers(0, size - d + 1)
             if dy + d <= oy or dy >= oy + side or dx + d <= ox or dx >= ox + side:
