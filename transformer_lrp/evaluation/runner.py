@@ -163,12 +163,19 @@ def evaluate_text_perturbation(
         sums.add("model/count", torch.tensor(float(len(idx))))
         for method in methods:
             kwargs = SETTINGS["text"].get(method, {})
-            for setting, targets in (("predicted", predicted), ("target", labels)):
-                scores = tl.explain(model, inputs, targets, method=method, **kwargs).relevance
-                for side, positive in _sides():
-                    hits = M.text_perturbation_hits(classify, inputs["input_ids"], inputs["attention_mask"], scores,
-                                                    labels, positive, replacement, candidates)
-                    sums.add(f"{method}/{setting}/{side}", hits.sum(0))
+            scores = tl.explain(model, inputs, predicted, method=method, **kwargs).relevance
+            own = predicted != labels if method not in CLASS_AGNOSTIC else torch.zeros_like(labels, dtype=torch.bool)
+            sub = {k: v[own] for k, v in inputs.items()}
+            target_scores = tl.explain(model, sub, labels[own], method=method, **kwargs).relevance if own.any() else None
+            for side, positive in _sides():
+                hits = M.text_perturbation_hits(classify, inputs["input_ids"], inputs["attention_mask"], scores, labels,
+                                                positive, replacement, candidates)
+                sums.add(f"{method}/predicted/{side}", hits.sum(0))
+                if target_scores is not None:
+                    hits[own] = M.text_perturbation_hits(classify, sub["input_ids"], sub["attention_mask"],
+                                                         target_scores, labels[own], positive, replacement,
+                                                         candidates[own])
+                sums.add(f"{method}/target/{side}", hits.sum(0))
             if bar is not None:
                 bar.update(len(idx))
     if bar is not None:
