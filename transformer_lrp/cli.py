@@ -89,9 +89,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sections = []
     if "canvas" in tasks:
-        model = real_models.load_dinov2_canvas(Path(args.models_dir) / "dinov2_canvas.pt").to(args.device)
+        path = Path(args.models_dir) / "dinov2_canvas.pt"
+        model = real_models.load_dinov2_canvas(path).to(args.device)
+        names = real_models.read_metadata(path)["class_names"]
         bench = data.fashion_canvases(args.n_images, seed=args.seed, split="test",
-                                      classes=real_models.canvas_classes(model))
+                                      classes=tuple(data.FASHION_CLASSES.index(c) for c in names))
         res = runner.evaluate_images(model, real_models.normalize, bench, methods, args.batch_size)
         sections.append((f"Image perturbation and segmentation: DINOv2 ViT-S/14 + trained head, "
                          f"{args.n_images} Fashion-MNIST canvases (seed {args.seed})", "image", res))

@@ -61,11 +61,21 @@ class Sums:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
+    from tqdm.auto import tqdm
+
     return tqdm(total=total, desc=desc, disable=not enabled or _world()[0] != 0)
+
+
+def _add_perturbation(sums: Sums, method: str, own: torch.Tensor, hits_of: Callable[[bool, bool], torch.Tensor]):
+    """Perturbation hits for the explained predicted class, reused for the target class wherever the two maps
+    coincide. ``hits_of(positive, target_only)``: hits of every sample, or of the ``own`` samples explained for
+    their label."""
+    for side, positive in _sides():
+        hits = hits_of(positive, False)
+        sums.add(f"{method}/predicted/{side}", hits.sum(0))
+        if own.any():
+            hits[own] = hits_of(positive, True)
+        sums.add(f"{method}/target/{side}", hits.sum(0))
 
 
 def _batches(n: int, batch_size: int) -> list[torch.Tensor]:
@@ -110,19 +120,17 @@ def evaluate_images(
             maps = tl.explain(model, inputs, predicted, method=method, **kwargs).image_maps()
             sums.add(f"{method}/segmentation", M.segmentation_sums(maps, masks))
             own = predicted != labels if method not in CLASS_AGNOSTIC else torch.zeros_like(labels, dtype=torch.bool)
-            target_maps = None
             if own.any():
                 target_maps = tl.explain(model, inputs[own], labels[own], method=method, **kwargs).image_maps()
-            for side, positive in _sides():
-                hits = M.image_perturbation_hits(classify, images01, maps, labels, positive)
-                sums.add(f"{method}/predicted/{side}", hits.sum(0))
-                if target_maps is not None:
-                    hits[own] = M.image_perturbation_hits(classify, images01[own], target_maps, labels[own], positive)
-                sums.add(f"{method}/target/{side}", hits.sum(0))
-            if bar is not None:
-                bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+
+            def hits_of(positive: bool, target_only: bool) -> torch.Tensor:
+                if target_only:
+                    return M.image_perturbation_hits(classify, images01[own], target_maps, labels[own], positive)
+                return M.image_perturbation_hits(classify, images01, maps, labels, positive)
+
+            _add_perturbation(sums, method, own, hits_of)
+            bar.update(len(idx))
+    bar.close()
     return _scores(_all_reduce(sums.values), methods, segmentation=True)
 
 
@@ -166,20 +174,19 @@ def evaluate_text_perturbation(
             scores = tl.explain(model, inputs, predicted, method=method, **kwargs).relevance
             own = predicted != labels if method not in CLASS_AGNOSTIC else torch.zeros_like(labels, dtype=torch.bool)
             sub = {k: v[own] for k, v in inputs.items()}
-            target_scores = tl.explain(model, sub, labels[own], method=method, **kwargs).relevance if own.any() else None
-            for side, positive in _sides():
-                hits = M.text_perturbation_hits(classify, inputs["input_ids"], inputs["attention_mask"], scores, labels,
-                                                positive, replacement, candidates)
-                sums.add(f"{method}/predicted/{side}", hits.sum(0))
-                if target_scores is not None:
-                    hits[own] = M.text_perturbation_hits(classify, sub["input_ids"], sub["attention_mask"],
-                                                         target_scores, labels[own], positive, replacement,
-                                                         candidates[own])
-                sums.add(f"{method}/target/{side}", hits.sum(0))
-            if bar is not None:
-                bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+            if own.any():
+                target_scores = tl.explain(model, sub, labels[own], method=method, **kwargs).relevance
+
+            def hits_of(positive: bool, target_only: bool) -> torch.Tensor:
+                if target_only:
+                    return M.text_perturbation_hits(classify, sub["input_ids"], sub["attention_mask"], target_scores,
+                                                    labels[own], positive, replacement, candidates[own])
+                return M.text_perturbation_hits(classify, inputs["input_ids"], inputs["attention_mask"], scores,
+                                                labels, positive, replacement, candidates)
+
+            _add_perturbation(sums, method, own, hits_of)
+            bar.update(len(idx))
+    bar.close()
     return _scores(_all_reduce(sums.values), methods, segmentation=False)
 
 
@@ -222,10 +229,8 @@ def evaluate_rationales(
                 sums.add(f"{method}/top{k}", M.token_f1_sums([M.top_k_words(w, k) for w in words], gold))
             sums.add(f"{method}/oracle_k", M.token_f1_sums([M.top_k_words(w, len(g)) for w, g in zip(words, gold)],
                                                            gold))
-            if bar is not None:
-                bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+            bar.update(len(idx))
+    bar.close()
     totals = _all_reduce(sums.values)
     out = {"model": {"accuracy": float(100 * totals["model/correct"] / totals["model/count"])}}
     for method in methods:
