@@ -98,6 +98,13 @@ def test_bad_text(bert, inputs, match):
         tl.explain(bert, inputs)
 
 
+def test_token_types_for_a_model_without_them():
+    inputs = M.text_batch()
+    inputs["token_type_ids"] = torch.ones_like(inputs["input_ids"])
+    with pytest.raises(tl.InputError, match="no token type embeddings"):
+        tl.explain(M.hf_distilbert(), inputs)
+
+
 def test_tokenizer_extras_are_accepted(bert):
     inputs = M.text_batch()
     inputs["special_tokens_mask"] = torch.zeros_like(inputs["input_ids"])

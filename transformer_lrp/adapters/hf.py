@@ -240,6 +240,8 @@ def _check_text(
         if not isinstance(types, torch.Tensor) or tuple(types.shape) != (b, t):
             raise InputError(f"token_type_ids must have the shape of input_ids {(b, t)}")
         types = types.to(ids.device).long()
+        if not token_types and bool(types.any()):
+            raise InputError("token_type_ids given, but this model has no token type embeddings")
         if token_types and (bool((types < 0).any()) or bool((types >= token_types).any())):
             raise InputError(f"token_type_ids out of range [0, {token_types})")
     return ids, mask, types
