@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -138,8 +139,7 @@ def main() -> None:
     for (name, model, inputs, target, input_gradient), method, kwargs, goal in cases:
         if args.only not in f"{name} {method}":
             continue
-        def run():
-            return tl.explain(model, inputs, target, method=method, **kwargs)
+        run = partial(tl.explain, model, inputs, target, method=method, **kwargs)
 
         t_explain, t_grad = measure(run, input_gradient, args.repeats, args.device)
         ratio = t_explain / t_grad

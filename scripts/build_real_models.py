@@ -349,7 +349,7 @@ def build_text(args: argparse.Namespace, out: Path) -> dict:
     warmup = max(1, int(0.06 * total))
     step = 0
     t_train = time.perf_counter()
-    for epoch in range(args.text_epochs):
+    for _ in range(args.text_epochs):
         model.train()
         order = torch.randperm(len(texts), generator=gen).tolist()
         run_loss = 0.0

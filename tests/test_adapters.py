@@ -1,10 +1,10 @@
 """Adapters: the engine reproduces each stock model's logits, whatever its attention implementation, and reads
 prefix tokens, LayerScale and position-embedding variants correctly."""
 
+import _models as M
 import pytest
 import torch
 
-import _models as M
 import transformer_lrp as tl
 
 TOL = dict(rtol=1e-10, atol=1e-10)

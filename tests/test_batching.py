@@ -1,9 +1,9 @@
 """Batches: per-sample targets, padding, batch invariance, and float32 against float64."""
 
+import _models as M
 import pytest
 import torch
 
-import _models as M
 import transformer_lrp as tl
 
 ALL = tl.METHODS

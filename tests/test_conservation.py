@@ -1,10 +1,10 @@
 """Conservation (SPEC §11): with the method's rules and a one-hot start, total relevance is 1 after the head and
 after every block, per sample."""
 
+import _models as M
 import pytest
 import torch
 
-import _models as M
 import transformer_lrp as tl
 from transformer_lrp import engine
 

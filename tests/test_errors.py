@@ -1,9 +1,9 @@
 """Bad input gets a clear error that names the problem."""
 
+import _models as M
 import pytest
 import torch
 
-import _models as M
 import transformer_lrp as tl
 
 

@@ -3,11 +3,11 @@
 import os
 import tempfile
 
+import _models as M
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-import _models as M
 import transformer_lrp as tl
 from transformer_lrp.evaluation import data, report, runner
 

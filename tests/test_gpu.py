@@ -1,9 +1,9 @@
 """The same code on a GPU (skipped where none is present): CUDA results equal the CPU float64 reference."""
 
+import _models as M
 import pytest
 import torch
 
-import _models as M
 import transformer_lrp as tl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

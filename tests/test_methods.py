@@ -1,10 +1,10 @@
 """Each method against oracles built from the stock model's own attention and gradients (SPEC §3–5)."""
 
+import _models as M
 import pytest
 import torch
-
-import _models as M
 from _oracle import gae_row, model_attention_and_grads, product_row, rollout_row
+
 import transformer_lrp as tl
 from transformer_lrp import engine
 
@@ -159,7 +159,8 @@ def test_bert_baselines(bert_case):
     cam = tl.explain(model, inputs, target, method="attention_gradcam", cls_relevance="zero").relevance
     w = grads[-1].mean((-1, -2), keepdim=True)
     full = (w * attn[-1]).mean(1).clamp(min=0)
-    full = (full - full.amin((1, 2), keepdim=True)) / (full.amax((1, 2), keepdim=True) - full.amin((1, 2), keepdim=True))
+    lo, hi = full.amin((1, 2), keepdim=True), full.amax((1, 2), keepdim=True)
+    full = (full - lo) / (hi - lo)
     expected = full[:, 0].clone()
     expected[:, 0] = 0
     torch.testing.assert_close(cam, expected, **TOL)

@@ -3,10 +3,10 @@ after a successful call and after a call that fails midway."""
 
 import copy
 
+import _models as M
 import pytest
 import torch
 
-import _models as M
 import transformer_lrp as tl
 
 

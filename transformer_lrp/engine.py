@@ -12,8 +12,9 @@ Dropout, drop-path and patch-dropout are identities: an explanation is of the mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

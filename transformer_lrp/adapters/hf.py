@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from transformer_lrp.adapters import _checks as chk
-from transformer_lrp.adapters.spec import BlockSpec, Embedded, EncoderSpec, HeadBranch, LinearSpec, NormSpec
 from transformer_lrp.adapters._vision import check_images, patches_to_pixels
+from transformer_lrp.adapters.spec import BlockSpec, Embedded, EncoderSpec, HeadBranch, LinearSpec, NormSpec
 from transformer_lrp.errors import InputError, UnsupportedModelError
 
 TEXT_FAMILIES = ("BertForSequenceClassification", "RobertaForSequenceClassification",
@@ -84,7 +84,8 @@ def _build_bert_like(model: nn.Module, roberta: bool) -> EncoderSpec:
     if getattr(base.encoder, "layer", None) is None:
         raise UnsupportedModelError(f"unsupported {type(model).__name__}: no encoder.layer list")
     blocks = [
-        _bert_block(layer, f"encoder.layer.{i}", int(cfg.num_attention_heads)) for i, layer in enumerate(base.encoder.layer)
+        _bert_block(layer, f"encoder.layer.{i}", int(cfg.num_attention_heads))
+        for i, layer in enumerate(base.encoder.layer)
     ]
     if roberta:
         head_mod = model.classifier
@@ -291,7 +292,8 @@ def _build_vit(model: nn.Module) -> EncoderSpec:
     blocks = [_vit_block(layer, f"{prefix_path}.{i}", cfg) for i, layer in enumerate(layers)]
     if not isinstance(model.classifier, nn.Linear):
         raise UnsupportedModelError(
-            f"unsupported module 'classifier' ({type(model.classifier).__name__}): a Linear head is needed (num_labels > 0)"
+            f"unsupported module 'classifier' ({type(model.classifier).__name__}): a Linear head is needed "
+            "(num_labels > 0)"
         )
     emb = vit.embeddings
     conv = emb.patch_embeddings.projection

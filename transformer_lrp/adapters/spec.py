@@ -6,8 +6,9 @@ model), so explaining never accumulates ``.grad`` on, or changes ``requires_grad
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

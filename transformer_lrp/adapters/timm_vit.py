@@ -11,14 +11,13 @@ import torch
 from torch import nn
 
 from transformer_lrp.adapters import _checks as chk
-from transformer_lrp.adapters.spec import BlockSpec, Embedded, EncoderSpec, HeadBranch, LinearSpec, NormSpec
 from transformer_lrp.adapters._vision import check_images, patches_to_pixels
+from transformer_lrp.adapters.spec import BlockSpec, Embedded, EncoderSpec, HeadBranch, LinearSpec, NormSpec
 from transformer_lrp.errors import UnsupportedModelError
 
 
 def _timm_classes() -> dict[str, type]:
-    from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
-    from timm.layers import DropPath, PatchDropout
+    from timm.layers import Attention, DropPath, LayerScale, Mlp, PatchDropout, PatchEmbed
     from timm.models import vision_transformer as vt
 
     classes = {

@@ -126,7 +126,8 @@ def segmentation_sums(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, torc
     }
     ap = fg_ap = 0.0
     for m, t in zip(maps, masks):
-        ap += average_precision(torch.cat([1 - m.reshape(-1), m.reshape(-1)]), torch.cat([~t.reshape(-1), t.reshape(-1)]))
+        m, t = m.reshape(-1), t.reshape(-1)
+        ap += average_precision(torch.cat([1 - m, m]), torch.cat([~t, t]))
         fg_ap += average_precision(m, t)
     out["ap_sum"] = torch.tensor(ap, dtype=torch.float64)
     out["fg_ap_sum"] = torch.tensor(fg_ap, dtype=torch.float64)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -66,16 +67,21 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled or _world()[0] != 0)
 
 
-def _add_perturbation(sums: Sums, method: str, own: torch.Tensor, hits_of: Callable[[bool, bool], torch.Tensor]):
-    """Perturbation hits for the explained predicted class, reused for the target class wherever the two maps
-    coincide. ``hits_of(positive, target_only)``: hits of every sample, or of the ``own`` samples explained for
-    their label."""
+def _add_perturbation(
+    sums: Sums, method: str, own: torch.Tensor, hits: Callable[..., torch.Tensor],
+    own_hits: Callable[..., torch.Tensor] | None,
+) -> None:
+    """Perturbation hits for the predicted class, reused for the target class wherever the two maps coincide.
+
+    ``hits(positive=…)``: every sample, explained for its prediction; ``own_hits(positive=…)``: the ``own`` samples
+    (prediction ≠ label), explained for their label.
+    """
     for side, positive in _sides():
-        hits = hits_of(positive, False)
-        sums.add(f"{method}/predicted/{side}", hits.sum(0))
-        if own.any():
-            hits[own] = hits_of(positive, True)
-        sums.add(f"{method}/target/{side}", hits.sum(0))
+        row = hits(positive=positive)
+        sums.add(f"{method}/predicted/{side}", row.sum(0))
+        if own_hits is not None:
+            row[own] = own_hits(positive=positive)
+        sums.add(f"{method}/target/{side}", row.sum(0))
 
 
 def _batches(n: int, batch_size: int) -> list[torch.Tensor]:
@@ -120,15 +126,12 @@ def evaluate_images(
             maps = tl.explain(model, inputs, predicted, method=method, **kwargs).image_maps()
             sums.add(f"{method}/segmentation", M.segmentation_sums(maps, masks))
             own = predicted != labels if method not in CLASS_AGNOSTIC else torch.zeros_like(labels, dtype=torch.bool)
+            own_hits = None
             if own.any():
                 target_maps = tl.explain(model, inputs[own], labels[own], method=method, **kwargs).image_maps()
-
-            def hits_of(positive: bool, target_only: bool) -> torch.Tensor:
-                if target_only:
-                    return M.image_perturbation_hits(classify, images01[own], target_maps, labels[own], positive)
-                return M.image_perturbation_hits(classify, images01, maps, labels, positive)
-
-            _add_perturbation(sums, method, own, hits_of)
+                own_hits = partial(M.image_perturbation_hits, classify, images01[own], target_maps, labels[own])
+            hits = partial(M.image_perturbation_hits, classify, images01, maps, labels)
+            _add_perturbation(sums, method, own, hits, own_hits)
             bar.update(len(idx))
     bar.close()
     return _scores(_all_reduce(sums.values), methods, segmentation=True)
@@ -173,18 +176,15 @@ def evaluate_text_perturbation(
             kwargs = SETTINGS["text"].get(method, {})
             scores = tl.explain(model, inputs, predicted, method=method, **kwargs).relevance
             own = predicted != labels if method not in CLASS_AGNOSTIC else torch.zeros_like(labels, dtype=torch.bool)
-            sub = {k: v[own] for k, v in inputs.items()}
+            own_hits = None
             if own.any():
+                sub = {k: v[own] for k, v in inputs.items()}
                 target_scores = tl.explain(model, sub, labels[own], method=method, **kwargs).relevance
-
-            def hits_of(positive: bool, target_only: bool) -> torch.Tensor:
-                if target_only:
-                    return M.text_perturbation_hits(classify, sub["input_ids"], sub["attention_mask"], target_scores,
-                                                    labels[own], positive, replacement, candidates[own])
-                return M.text_perturbation_hits(classify, inputs["input_ids"], inputs["attention_mask"], scores,
-                                                labels, positive, replacement, candidates)
-
-            _add_perturbation(sums, method, own, hits_of)
+                own_hits = partial(M.text_perturbation_hits, classify, sub["input_ids"], sub["attention_mask"],
+                                   target_scores, labels[own], replacement_id=replacement, candidates=candidates[own])
+            hits = partial(M.text_perturbation_hits, classify, inputs["input_ids"], inputs["attention_mask"], scores,
+                           labels, replacement_id=replacement, candidates=candidates)
+            _add_perturbation(sums, method, own, hits, own_hits)
             bar.update(len(idx))
     bar.close()
     return _scores(_all_reduce(sums.values), methods, segmentation=False)
