@@ -9,7 +9,9 @@ setup(
     "transformers classifiers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["transformer_lrp", "transformer_lrp.*"]),
+    # triton_kernels/ is installed as transformer_lrp.triton_kernels (the top-level name belongs to triton-lang)
+    packages=find_packages(include=["transformer_lrp", "transformer_lrp.*"]) + ["transformer_lrp.triton_kernels"],
+    package_dir={"transformer_lrp.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     entry_points={"console_scripts": ["transformer-lrp=transformer_lrp.cli:main"]},

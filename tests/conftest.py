@@ -7,6 +7,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Triton kernels run under the interpreter on a CPU machine; the flag must be set before a kernel module is
+# imported (decoration decides compiled vs interpreted). The engine's sweep is unaffected (it runs backend="torch").
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

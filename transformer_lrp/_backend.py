@@ -1,8 +1,9 @@
 """Backend choice: ``backend="torch" | "triton" | "cuda" | None`` per call, or the ``TLRP_BACKEND`` variable.
 
-This build ships the pure-PyTorch reference path (``torch``), which runs everywhere (CPU/GPU, float32/float64).
-The fused Triton and CUDA kernels are separate work; asking for them explicitly raises an error that says so,
-and ``None``/``auto`` picks the best backend that can run. No device is queried at import.
+``explain`` runs the pure-PyTorch reference path (``torch``) everywhere (CPU/GPU, float32/float64); its fused
+Triton/CUDA sweep is not built yet, and asking for it explicitly raises an error that says so. Single ops that
+have a kernel (``ops.residual.normalized_add``) dispatch per call through ``op_backend``. ``None``/``auto``
+picks the best backend that can run. No device is queried at import.
 """
 
 from __future__ import annotations
@@ -30,4 +31,40 @@ def select_backend(requested: str | None) -> str:
     if reasons:
         source = "backend argument" if requested is not None else f"{ENV_VAR}={choice}"
         raise NotImplementedError(f"backend {choice!r} ({source}) cannot run: " + "; ".join(reasons))
+    return choice
+
+
+def _triton_reasons(tensors: tuple) -> list[str]:
+    reasons = []
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        reasons.append(f"triton is not importable ({exc})")
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if any(not t.is_cuda for t in tensors) and not interpreting:
+        reasons.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set")
+    return reasons
+
+
+def op_backend(op: str, kernels: dict[str, tuple[str, ...]], tensors: tuple, requested: str | None) -> str:
+    """Backend for one call of a single op. ``kernels[op]`` lists the backends with a kernel for it.
+
+    Automatic choice: ``triton`` when it has a kernel and can run on these tensors, else ``torch``. An explicit
+    request that cannot run raises ``NotImplementedError`` naming every reason.
+    """
+    choice = requested if requested is not None else os.environ.get(ENV_VAR, "auto") or "auto"
+    if choice == "auto":
+        if "triton" in kernels.get(op, ()) and not _triton_reasons(tensors):
+            return "triton"
+        return "torch"
+    reasons = []
+    if choice not in BACKENDS:
+        reasons.append(f"unknown backend {choice!r}; choose one of {BACKENDS} or None")
+    elif choice != "torch":
+        if choice not in kernels.get(op, ()):
+            reasons.append(f"no {choice} kernel for {op}")
+        if choice == "triton":
+            reasons += _triton_reasons(tensors)
+    if reasons:
+        raise NotImplementedError(f"{op}: backend {choice!r} cannot run: " + "; ".join(reasons))
     return choice

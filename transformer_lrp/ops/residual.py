@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from transformer_lrp._backend import op_backend
 from transformer_lrp.ops.common import safe_divide
+
+# Backends with a kernel, per op of this module.
+KERNELS = {"normalized_add": ("triton",)}
 
 
 def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
@@ -26,7 +30,7 @@ def z_add(
 
 
 def normalized_add(
-    relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None
+    relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None, backend: str | None = "torch"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""The normalized add of the method (SPEC §2.8), per sample.
 
@@ -39,7 +43,23 @@ def normalized_add(
 
     Returns:
         ``(R_u, R_v)``, each with ``relevance``'s shape (``R_v`` is ``None`` when ``v`` is).
+        backend: ``"torch"`` (this reference, the default), ``"triton"`` (two fused passes,
+            ``triton_kernels/residual_lrp.py``; needs ``u``, ``v`` of ``relevance``'s shape) or ``None`` (automatic).
     """
+    if backend != "torch" and v is not None and u.shape == v.shape == relevance.shape:
+        if op_backend("normalized_add", KERNELS, (relevance, u, v), backend) == "triton":
+            from transformer_lrp.triton_kernels.residual_lrp import normalized_add_bwd
+
+            return normalized_add_bwd(relevance, u, v)
+    elif backend not in ("torch", None):
+        raise NotImplementedError(f"normalized_add: backend {backend!r} needs u and v of the relevance's shape")
+    return normalized_add_ref(relevance, u, v)
+
+
+def normalized_add_ref(
+    relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference rule of ``normalized_add`` (pure PyTorch, any dtype and device)."""
     r_u, r_v = z_add(relevance, u, v)
     s_u, s = _per_sample_sum(r_u), _per_sample_sum(relevance)
     s_v = torch.zeros_like(s_u) if r_v is None else _per_sample_sum(r_v)
@@ -75,3 +95,25 @@ def select_relevance(tokens: torch.Tensor, index: int, relevance: torch.Tensor) 
     picked = tokens[:, index]
     out[:, index] = picked * safe_divide(relevance, picked)
     return out
+
+
+class NormalizedAddFunction(torch.autograd.Function):
+    """``u + v`` whose backward returns the normalized add's relevance ``(R_u, R_v)`` for an incoming relevance
+    (LRP as a modified gradient), so the rule can sit inside any autograd graph."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        ctx.save_for_backward(u, v)
+        ctx.backend = backend
+        return u + v
+
+    @staticmethod
+    def backward(ctx, relevance: torch.Tensor):
+        u, v = ctx.saved_tensors
+        r_u, r_v = normalized_add(relevance, u.expand_as(relevance), v.expand_as(relevance), ctx.backend)
+        return r_u, r_v, None
+
+
+def lrp_add(u: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Functional form of ``NormalizedAddFunction``: ``u + v`` forward, normalized-add relevance backward."""
+    return NormalizedAddFunction.apply(u, v, backend)
