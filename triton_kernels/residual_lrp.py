@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-9
+from transformer_lrp.ops.common import EPS, safe_divide
+
+EPS = tl.constexpr(EPS)  # the reference's denominator offset, as a compile-time constant in the kernels
 
 
 @triton.jit
@@ -85,12 +87,6 @@ def _normalized_add_scale_kernel(
     tl.store(RV + base + o_m, (b_v * b_s * f_v).to(RV.dtype.element_ty), mask=m_m)
 
 
-def _safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    den = b + EPS
-    den = torch.where(den == 0, torch.full_like(den, EPS), den)
-    return torch.where(b == 0, torch.zeros_like(den), a / den)
-
-
 def normalized_add_bwd(
     relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor, block: int = 1024, steps: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +100,8 @@ def normalized_add_bwd(
     _normalized_add_sums_kernel[(b, chunks)](r2, u2, v2, partial, m, chunks, BLOCK=block, STEPS=steps)
     s_u, s_v, s = partial.sum(dim=1).unbind(-1)
     total = s_u.abs() + s_v.abs()
-    f_u = _safe_divide(_safe_divide(s_u.abs(), total) * s, s_u)
-    f_v = _safe_divide(_safe_divide(s_v.abs(), total) * s, s_v)
+    f_u = safe_divide(safe_divide(s_u.abs(), total) * s, s_u)
+    f_v = safe_divide(safe_divide(s_v.abs(), total) * s, s_v)
     r_u, r_v = torch.empty_like(r2), torch.empty_like(r2)
     _normalized_add_scale_kernel[(b, triton.cdiv(m, block))](r2, u2, v2, f_u, f_v, r_u, r_v, m, BLOCK=block)
     return r_u.view(shape), r_v.view(shape)
