@@ -18,7 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from transformer_lrp._backend import op_backend
 from transformer_lrp.ops.common import EPS, safe_divide
+
+# Backends with a kernel, per op of this module.
+KERNELS = {"linear_alpha1beta0": ("triton",)}
 
 
 def cancellation_tolerance(dtype: torch.dtype) -> float:
@@ -45,6 +49,7 @@ def linear_alpha1beta0(
     output: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     abs_weight: torch.Tensor | None = None,
+    backend: str | None = "torch",
 ) -> torch.Tensor:
     r"""LRP-α1β0 via the sign-split identity (3 GEMMs when the forward's ``output`` is given).
 
@@ -55,6 +60,8 @@ def linear_alpha1beta0(
         output: the forward's ``x @ weight.T + bias``, `[..., out]`, reused for ``x Wᵀ``. Computed when absent.
         bias: the bias inside ``output`` (subtracted), if any.
         abs_weight: ``weight.abs()``, when the caller caches it.
+        backend: ``"torch"`` (default), ``"triton"`` (the elementwise work fused around the same GEMMs,
+            ``triton_kernels/linear_lrp.py``) or ``None`` (automatic).
 
     Returns:
         Relevance of ``x``, `[..., in]` (a fresh tensor).
@@ -63,6 +70,11 @@ def linear_alpha1beta0(
         output, bias = F.linear(x, weight), None
     if abs_weight is None:
         abs_weight = weight.abs()
+    if backend != "torch" and op_backend("linear_alpha1beta0", KERNELS, (x, relevance), backend) == "triton":
+        from transformer_lrp.triton_kernels.linear_lrp import linear_alpha1beta0_bwd
+
+        return linear_alpha1beta0_bwd(x, weight, relevance, output, bias, abs_weight,
+                                      cancellation_tolerance(x.dtype))
     # 2-D views: every product below is a plain GEMM. Few fresh [..., out] buffers, the rest in place.
     shape_in, n_out = x.shape, weight.shape[0]
     x, relevance, output = x.reshape(-1, shape_in[-1]), relevance.reshape(-1, n_out), output.reshape(-1, n_out)

@@ -1,0 +1,43 @@
+"""The Triton-fused sign-split α1β0 Linear rule against the exact reference (TRITON_INTERPRET=1 on CPU)."""
+
+import pytest
+import torch
+import transformer_lrp.triton_kernels.linear_lrp  # noqa: F401  (installed by setup.py's package_dir)
+
+from transformer_lrp.ops import linear_alpha1beta0, linear_alpha1beta0_ref
+
+SHAPES = [(1, 1, 5, 3), (2, 7, 37, 23), (3, 5, 300, 130)]  # (B, T, in, out): one row, non-powers of two, >1 block
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_kernel_matches_reference(shape, dtype, bias, monkeypatch):
+    b, t, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, t, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64)
+    w[0] = -x[0, 0].sign() * w[0].abs()  # unit 0 has no positive contribution on the first row: dropped
+    r = torch.randn(b, t, n, generator=g, dtype=torch.float64)
+    bb = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    y = torch.nn.functional.linear(x, w, bb)
+    ref = linear_alpha1beta0_ref(x, w, r)
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda a, **kw: real_empty_like(a, **kw).fill_(float("nan")))
+    args = [a.to(dtype) if a is not None else None for a in (x, w, r, y, bb)]
+    out = linear_alpha1beta0(args[0], args[1], args[2], output=args[3], bias=args[4], backend="triton")
+    monkeypatch.undo()
+    assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+    torch.testing.assert_close(out, linear_alpha1beta0(*args[:3], output=args[3], bias=args[4], backend="torch"),
+                               rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+def test_dispatch_errors(monkeypatch):
+    x, w, r = torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 3)
+    with pytest.raises(NotImplementedError, match="no cuda kernel for linear_alpha1beta0"):
+        linear_alpha1beta0(x, w, r, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1 is not set"):
+        linear_alpha1beta0(x, w, r, backend="triton")
