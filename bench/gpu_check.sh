@@ -10,7 +10,7 @@ mkdir -p "$OUT_DIR"
 python3 -m pip install --quiet --no-deps --no-build-isolation -e . || exit 1
 python3 -c "import torch; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__)" \
   | tee "$OUT_DIR/gpu_check.log"
-python3 -m pytest -q tests/test_gpu.py tests/test_residual_triton.py tests/test_linear_triton.py \
+python3 -m pytest -q tests/test_gpu.py tests/test_residual_triton.py tests/test_linear_triton.py tests/test_explain_triton.py \
   tests/test_parity_original.py tests/test_batching.py 2>&1 | tail -15 | tee -a "$OUT_DIR/gpu_check.log"
 for batch in 8 64; do
   python3 bench/bench_explain.py --device cuda --batch "$batch" --repeats 10 2>&1 | tee -a "$OUT_DIR/gpu_check.log"

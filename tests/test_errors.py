@@ -115,8 +115,8 @@ def test_backends(vit, monkeypatch):
     x = M.images(1)
     ref = tl.explain(vit, x, backend="torch").relevance
     torch.testing.assert_close(tl.explain(vit, x, backend=None).relevance, ref)
-    with pytest.raises(NotImplementedError, match="'triton'.*not part of this build"):
-        tl.explain(vit, x, backend="triton")
+    with pytest.raises(NotImplementedError, match="'cuda'.*CUDA C\\+\\+ relevance ops are not part of this build"):
+        tl.explain(vit, x, backend="cuda")
     with pytest.raises(NotImplementedError, match="unknown backend"):
         tl.explain(vit, x, backend="tpu")
     monkeypatch.setenv("TLRP_BACKEND", "cuda")
@@ -124,6 +124,9 @@ def test_backends(vit, monkeypatch):
         tl.explain(vit, x)
     monkeypatch.setenv("TLRP_BACKEND", "torch")
     torch.testing.assert_close(tl.explain(vit, x).relevance, ref)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: Triton cannot run
+    with pytest.raises(NotImplementedError, match="'triton'.*TRITON_INTERPRET=1 is not set"):
+        tl.explain(vit, x, backend="triton")
 
 
 def test_non_finite_logits_are_reported():

@@ -1,9 +1,10 @@
 """Backend choice: ``backend="torch" | "triton" | "cuda" | None`` per call, or the ``TLRP_BACKEND`` variable.
 
-``explain`` runs the pure-PyTorch reference path (``torch``) everywhere (CPU/GPU, float32/float64); its fused
-Triton/CUDA sweep is not built yet, and asking for it explicitly raises an error that says so. Single ops that
-have a kernel (``ops.residual.normalized_add``) dispatch per call through ``op_backend``. ``None``/``auto``
-picks the best backend that can run. No device is queried at import.
+``torch`` is the reference path and runs everywhere (CPU/GPU, float32/float64). ``triton`` runs the sweep's ops
+that have a Triton kernel (the method's normalized add and α1β0 Linear) through it and the others through the
+reference; it needs CUDA tensors or ``TRITON_INTERPRET=1``. No CUDA C++ op is built yet. ``None``/``auto`` picks
+``torch`` until the Triton kernels have been validated on a GPU. An explicit backend that cannot run raises
+``NotImplementedError`` naming every reason. No device is queried at import.
 """
 
 from __future__ import annotations
@@ -14,20 +15,23 @@ BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "TLRP_BACKEND"
 
 
-def not_supported_reasons(backend: str) -> list[str]:
+def not_supported_reasons(backend: str, tensors: tuple = ()) -> list[str]:
+    """Why ``explain`` cannot run ``backend`` on these input tensors (empty: it can)."""
     if backend == "torch":
         return []
-    if backend in ("triton", "cuda"):
-        return [f"the fused {backend} relevance kernels are not part of this build (only the torch reference path is)"]
+    if backend == "triton":
+        return _triton_reasons(tensors)
+    if backend == "cuda":
+        return ["the CUDA C++ relevance ops are not part of this build"]
     return [f"unknown backend {backend!r}; choose one of {BACKENDS} or None"]
 
 
-def select_backend(requested: str | None) -> str:
-    """Resolve the backend for one call: the argument, else ``TLRP_BACKEND``, else automatic."""
+def select_backend(requested: str | None, tensors: tuple = ()) -> str:
+    """Resolve the backend of one ``explain`` call: the argument, else ``TLRP_BACKEND``, else automatic."""
     choice = requested if requested is not None else os.environ.get(ENV_VAR, "auto") or "auto"
     if choice == "auto":
-        return next(b for b in ("cuda", "triton", "torch") if not not_supported_reasons(b))
-    reasons = not_supported_reasons(choice)
+        return "torch"
+    reasons = not_supported_reasons(choice, tensors)
     if reasons:
         source = "backend argument" if requested is not None else f"{ENV_VAR}={choice}"
         raise NotImplementedError(f"backend {choice!r} ({source}) cannot run: " + "; ".join(reasons))

@@ -52,12 +52,13 @@ def explain(
         cls_relevance: text only, the value at the CLS position: ``"keep"`` (the row's own entry), ``"zero"``
             (the original baselines) or ``"min"`` (the row's minimum, the original BERT transformer attribution).
             Default: ``"keep"``.
-        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or ``None`` (best available; env ``TLRP_BACKEND``).
+        backend: ``"torch"`` (the reference), ``"triton"`` (the Triton kernels where one exists: the method's
+            normalized add and α1β0 Linear; needs CUDA tensors or ``TRITON_INTERPRET=1``), ``"cuda"`` (not built
+            yet: raises) or ``None`` (env ``TLRP_BACKEND``, else ``torch``).
 
     Returns:
         An :class:`Explanation` with ``relevance`` `[B, T]`, ``target`` `[B]` and ``logits`` `[B, C]`.
     """
-    select_backend(backend)
     method = methods.ALIASES.get(method, method)
     if method not in methods.METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {methods.METHODS}")
@@ -70,6 +71,7 @@ def explain(
     target_t = _target_tensor(target)
 
     emb = enc.embed(inputs)
+    resolved_backend = select_backend(backend, (emb.tokens,))
     batch = emb.tokens.shape[0]
 
     def check_target(logits: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
@@ -85,7 +87,7 @@ def explain(
             raise InputError(f"target out of range: the model has {logits.shape[1]} classes, got {t.tolist()}")
         return t.to(logits.device)
 
-    out = methods.run(enc, emb, method, target_t, start, normalize_rows, check_target)
+    out = methods.run(enc, emb, method, target_t, start, normalize_rows, check_target, resolved_backend)
 
     if enc.modality == "vision":
         if method == "full_lrp":

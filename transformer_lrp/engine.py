@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -42,14 +43,23 @@ class RuleSet:
     add: Callable
 
     @staticmethod
-    def of(rules: Rules) -> RuleSet:
+    def of(rules: Rules, backend: str = "torch") -> RuleSet:
+        """``backend`` applies to the method's rules (the baselines' run the reference)."""
         if rules == "method":
-            return RuleSet(linear=_linear_method, add=normalized_add)
+            return RuleSet(linear=partial(_linear_method, backend=backend), add=partial(_add_method, backend=backend))
         return RuleSet(linear=_linear_baseline, add=z_add)
 
 
-def _linear_method(x, spec, relevance, y):
-    return linear_alpha1beta0(x, spec.weight, relevance, output=y, bias=spec.bias, abs_weight=spec.abs_weight)
+def _linear_method(x, spec, relevance, y, backend="torch"):
+    return linear_alpha1beta0(x, spec.weight, relevance, output=y, bias=spec.bias, abs_weight=spec.abs_weight,
+                              backend=backend)
+
+
+def _add_method(relevance, u, v, backend="torch"):
+    # The kernel covers two same-shape summands; the padding-mask add (v = 0) runs the reference.
+    if v is None or u.shape != v.shape:
+        backend = "torch"
+    return normalized_add(relevance, u, v, backend=backend)
 
 
 def _linear_baseline(x, spec, relevance, y):
@@ -307,6 +317,7 @@ def relevance_sweep(
     stop_block: int,
     on_block: Callable[[int, torch.Tensor], None] | None = None,
     on_total: Callable[[str, torch.Tensor], None] | None = None,
+    backend: str = "torch",
 ) -> torch.Tensor | None:
     """Top-down over blocks ``L-1 … stop_block``; ``stop_block=-1`` continues to the encoder input.
 
@@ -314,7 +325,7 @@ def relevance_sweep(
     receives the relevance after the head and after each block. Returns the encoder-input relevance `[B, N, D]`
     when ``stop_block == -1``.
     """
-    rs = RuleSet.of(rules)
+    rs = RuleSet.of(rules, backend)
     with torch.no_grad():
         r = head_relevance(enc, trace, onehot, rs)
         if on_total is not None:

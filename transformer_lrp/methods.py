@@ -72,6 +72,7 @@ def run(
     start_layer: int,
     normalize_rows: bool,
     check_target,
+    backend: str = "torch",
 ) -> MethodOutput:
     """Run ``method``; ``check_target(logits, target)`` validates/resolves the target once logits exist."""
     L = enc.depth
@@ -89,7 +90,7 @@ def run(
             # in place: the gradient is used once and dropped
             agg.update(grads.pop(i).mul_(r_attn).clamp_(min=0).mean(dim=1), _rows(trace, i, L))
 
-        engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "method", start_layer, on_block)
+        engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "method", start_layer, on_block, backend=backend)
         return MethodOutput(agg.v, trace.logits.detach(), t)
 
     if method == "gae":
