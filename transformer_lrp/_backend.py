@@ -15,6 +15,11 @@ BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "TLRP_BACKEND"
 
 
+def _choice(requested: str | None) -> str:
+    """The per-call argument, else ``TLRP_BACKEND``, else ``"auto"``."""
+    return requested if requested is not None else os.environ.get(ENV_VAR, "auto") or "auto"
+
+
 def not_supported_reasons(backend: str, tensors: tuple = ()) -> list[str]:
     """Why ``explain`` cannot run ``backend`` on these input tensors (empty: it can)."""
     if backend == "torch":
@@ -28,7 +33,7 @@ def not_supported_reasons(backend: str, tensors: tuple = ()) -> list[str]:
 
 def select_backend(requested: str | None, tensors: tuple = ()) -> str:
     """Resolve the backend of one ``explain`` call: the argument, else ``TLRP_BACKEND``, else automatic."""
-    choice = requested if requested is not None else os.environ.get(ENV_VAR, "auto") or "auto"
+    choice = _choice(requested)
     if choice == "auto":
         return "torch"
     reasons = not_supported_reasons(choice, tensors)
@@ -56,7 +61,7 @@ def op_backend(op: str, kernels: dict[str, tuple[str, ...]], tensors: tuple, req
     Automatic choice: ``triton`` when it has a kernel and can run on these tensors, else ``torch``. An explicit
     request that cannot run raises ``NotImplementedError`` naming every reason.
     """
-    choice = requested if requested is not None else os.environ.get(ENV_VAR, "auto") or "auto"
+    choice = _choice(requested)
     if choice == "auto":
         if "triton" in kernels.get(op, ()) and not _triton_reasons(tensors):
             return "triton"

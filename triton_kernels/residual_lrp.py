@@ -16,14 +16,14 @@ import triton.language as tl
 
 from transformer_lrp.ops.common import EPS, safe_divide
 
-EPS = tl.constexpr(EPS)  # the reference's denominator offset, as a compile-time constant in the kernels
+_EPS = tl.constexpr(EPS)  # the reference's denominator offset, as a compile-time constant in the kernels
 
 
 @triton.jit
 def _safe_s(r, z):
     # safe_divide(r, z) of the reference: r / (z + eps), eps itself where that sum is 0, and 0 where z == 0
-    den = z + EPS
-    den = tl.where(den == 0.0, EPS, den)
+    den = z + _EPS
+    den = tl.where(den == 0.0, _EPS, den)
     return tl.where(z == 0.0, 0.0, r / den)
 
 

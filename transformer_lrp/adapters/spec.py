@@ -7,7 +7,7 @@ model), so explaining never accumulates ``.grad`` on, or changes ``requires_grad
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -151,7 +151,6 @@ class EncoderSpec:
     embed: Callable[[object], Embedded]
     grid_size: tuple[int, int] | None = None
     image_size: tuple[int, int] | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def depth(self) -> int:
