@@ -41,3 +41,22 @@ def test_dispatch_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1 is not set"):
         linear_alpha1beta0(x, w, r, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_with_grad_shares_the_gemm(dtype, backend, monkeypatch):
+    """``linear_alpha1beta0_with_grad``: the relevance of ``linear_alpha1beta0`` and the gradient ``dY W``."""
+    from _poison import nan_buffers
+
+    from transformer_lrp.ops.linear import linear_alpha1beta0_with_grad
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 5, 37, generator=g, dtype=dtype), torch.randn(23, 37, generator=g, dtype=dtype)
+    r, dy, b = (torch.randn(*s, generator=g, dtype=dtype) for s in ((2, 5, 23), (2, 5, 23), (23,)))
+    y = torch.nn.functional.linear(x, w, b)
+    with nan_buffers(monkeypatch):
+        rel, grad = linear_alpha1beta0_with_grad(x, w, r, dy, output=y, bias=b, backend=backend)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(grad, dy @ w, rtol=tol, atol=tol)
+    torch.testing.assert_close(rel, linear_alpha1beta0(x, w, r, output=y, bias=b), rtol=tol * 10, atol=tol)

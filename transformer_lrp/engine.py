@@ -94,6 +94,8 @@ class BlockCache:
     # Query rows computed (the top block computes only the pooled tokens' rows); None = all. From ``q`` on, the
     # tensors above hold only these rows; ``x``, ``h1``, ``qkv_out``, ``k`` and ``v`` hold all tokens.
     rows: list[int] | None = None
+    # Fused attention (``fused.py``): the rows' log-sum-exp replaces ``scores`` and ``attn`` (then None).
+    lse: torch.Tensor | None = None
 
 
 @dataclass
@@ -124,12 +126,18 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
 
 
 def block_forward(
-    blk: BlockSpec, x: torch.Tensor, masked_keys: torch.Tensor | None, keep_cache: bool, rows: list[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor, BlockCache | None]:
+    blk: BlockSpec,
+    x: torch.Tensor,
+    masked_keys: torch.Tensor | None,
+    keep_cache: bool,
+    rows: list[int] | None = None,
+    fused_attention: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, BlockCache | None]:
     """Returns ``(output, A, cache)``. ``masked_keys``: `[B, 1, 1, N]` bool, True where the key is padding.
 
     ``rows``: compute the output (and attention rows) of these token positions only: keys and values still come
     from every token. The last block needs only the tokens the head reads.
+    ``fused_attention(q, k, v, scale) -> (O, lse)``: attention without ``A`` (then ``A`` is returned as None).
     """
     h1 = blk.norm1(x) if blk.pre_norm else x
     qkv_out = [lin(h1) for lin in blk.qkv]
@@ -142,12 +150,16 @@ def block_forward(
     x_rows = x
     if rows is not None:
         q, x_rows = q[:, :, rows], x[:, rows]
-    # Scaling q (not the [B, H, N, N] product) saves a buffer; the rules recover the unscaled q kᵀ exactly.
-    scores = (q * blk.scale) @ k.transpose(-1, -2)
-    masked = scores if masked_keys is None else scores.masked_fill(masked_keys, torch.finfo(scores.dtype).min)
-    # Half-precision models get an fp32 softmax (as transformers' eager attention does), cast back.
-    attn = masked.softmax(dim=-1, dtype=torch.float32 if scores.dtype in _HALF else None).to(scores.dtype)
-    out = attn @ v
+    scores = attn = lse = None
+    if fused_attention is not None:
+        out, lse = fused_attention(q, k, v, blk.scale)
+    else:
+        # Scaling q (not the [B, H, N, N] product) saves a buffer; the rules recover the unscaled q kᵀ exactly.
+        scores = (q * blk.scale) @ k.transpose(-1, -2)
+        masked = scores if masked_keys is None else scores.masked_fill(masked_keys, torch.finfo(scores.dtype).min)
+        # Half-precision models get an fp32 softmax (as transformers' eager attention does), cast back.
+        attn = masked.softmax(dim=-1, dtype=torch.float32 if scores.dtype in _HALF else None).to(scores.dtype)
+        out = attn @ v
     ctx = _merge_heads(out)
     proj_out = blk.proj(ctx)
     branch1 = proj_out * blk.ls1 if blk.ls1 is not None else proj_out
@@ -161,7 +173,7 @@ def block_forward(
     cache = None
     if keep_cache:
         cache = BlockCache(x, h1, qkv_out, q, k, v, scores, attn, out, ctx, proj_out, branch1, mid, h2, fc1_out,
-                           act_out, fc2_out, branch2, rows)
+                           act_out, fc2_out, branch2, rows, lse)
     return y, attn, cache
 
 

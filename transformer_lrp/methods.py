@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transformer_lrp import engine
+from transformer_lrp import engine, fused
 from transformer_lrp.adapters.spec import Embedded, EncoderSpec
 from transformer_lrp.explanation import min_max
 from transformer_lrp.ops import z_add
@@ -63,6 +63,13 @@ class StreamingRollout:
         v[:, rows] = v_rows
         self.v = v + (v_rows.unsqueeze(1) @ e).squeeze(1)
 
+    def apply(self, v_rows: torch.Tensor, product: torch.Tensor, rows: list[int] | None = None) -> None:
+        """The update from its two parts, computed elsewhere (the fused attention backward): ``v_rows``, the
+        (normalized) ``v`` at the map's rows, and ``product = v_rows · E`` `[B, N]`."""
+        v = v_rows.to(self.v.dtype) if rows is None else self.v.clone().index_copy_(
+            1, torch.tensor(rows, device=self.v.device), v_rows.to(self.v.dtype))
+        self.v = v + product.to(self.v.dtype)
+
 
 def run(
     enc: EncoderSpec,
@@ -78,6 +85,9 @@ def run(
     L = enc.depth
     last = L - 1
     b, n = emb.tokens.shape[:2]
+
+    if method in fused.FUSED_METHODS and backend != "torch":
+        return fused.run(enc, emb, method, target, start_layer, normalize_rows, check_target, backend)
 
     if method == "transformer_attribution":
         trace = engine.forward(enc, emb, engine.Plan(grad_from=start_layer, attn_from=start_layer,

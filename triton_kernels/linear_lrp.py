@@ -81,9 +81,11 @@ def linear_alpha1beta0_bwd(
     abs_weight: torch.Tensor,
     tolerance: float,
     block: int = 256,
-) -> torch.Tensor:
+    grad_output: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launcher. ``x [..., K]``, ``weight``/``abs_weight [N, K]``, ``relevance``/``output [..., N]`` (``output`` is
-    the forward's ``x Wᵀ + bias``). Returns the relevance of ``x``, ``[..., K]``, in ``x``'s dtype."""
+    the forward's ``x Wᵀ + bias``). Returns ``(R_x, dL/dx)``, ``[..., K]`` in ``x``'s dtype: the gradient (``None``
+    without ``grad_output``) shares the ``S W`` GEMM, stacked as ``[S; dY] W``."""
     shape = x.shape
     k, n = weight.shape[1], weight.shape[0]
     x2 = x.reshape(-1, k).contiguous()
@@ -95,7 +97,13 @@ def linear_alpha1beta0_bwd(
     bias_arg = bias if bias is not None else z_abs  # any pointer: not read without HAS_BIAS
     _alpha1beta0_scale_kernel[(m, triton.cdiv(n, block))](
         z_abs, y2, bias_arg, r2, half_s, m, n, 2 * tolerance, HAS_BIAS=bias is not None, FP64=fp64, BLOCK_N=block)
+    grad_x = None
+    if grad_output is None:
+        s_w = half_s @ weight
+    else:
+        s_w, grad_x = (torch.cat([half_s, grad_output.reshape(-1, n)]) @ weight).split(m)
+        grad_x = grad_x.view(shape)
     out = torch.empty_like(x2)
-    _alpha1beta0_combine_kernel[(m, triton.cdiv(k, block))](x2, half_s @ weight, half_s @ abs_weight, out, k,
+    _alpha1beta0_combine_kernel[(m, triton.cdiv(k, block))](x2, s_w, half_s @ abs_weight, out, k,
                                                             FP64=fp64, BLOCK_K=block)
-    return out.view(shape)
+    return out.view(shape), grad_x

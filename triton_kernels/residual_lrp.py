@@ -13,18 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from transformer_lrp.triton_kernels._common import EPS_C, safe_div
 
-from transformer_lrp.ops.common import EPS, safe_divide
-
-_EPS = tl.constexpr(EPS)  # the reference's denominator offset, as a compile-time constant in the kernels
-
-
-@triton.jit
-def _safe_s(r, z):
-    # safe_divide(r, z) of the reference: r / (z + eps), eps itself where that sum is 0, and 0 where z == 0
-    den = z + _EPS
-    den = tl.where(den == 0.0, _EPS, den)
-    return tl.where(z == 0.0, 0.0, r / den)
+from transformer_lrp.ops.residual import normalized_add_factors
 
 
 @triton.jit
@@ -50,7 +41,7 @@ def _normalized_add_sums_kernel(
         b_r = tl.load(R + base + o_m, mask=m_m, other=0.0).to(tl.float64)
         b_u = tl.load(U + base + o_m, mask=m_m, other=0.0).to(tl.float64)
         b_v = tl.load(V + base + o_m, mask=m_m, other=0.0).to(tl.float64)
-        b_s = _safe_s(b_r, b_u + b_v)
+        b_s = safe_div(b_r, b_u + b_v, EPS_C)
         acc_u += b_u * b_s
         acc_v += b_v * b_s
         acc_r += b_r
@@ -80,7 +71,7 @@ def _normalized_add_scale_kernel(
     b_r = tl.load(R + base + o_m, mask=m_m, other=0.0).to(tl.float64)
     b_u = tl.load(U + base + o_m, mask=m_m, other=0.0).to(tl.float64)
     b_v = tl.load(V + base + o_m, mask=m_m, other=0.0).to(tl.float64)
-    b_s = _safe_s(b_r, b_u + b_v)
+    b_s = safe_div(b_r, b_u + b_v, EPS_C)
     f_u = tl.load(FU + i_b)
     f_v = tl.load(FV + i_b)
     tl.store(RU + base + o_m, (b_u * b_s * f_u).to(RU.dtype.element_ty), mask=m_m)
@@ -98,10 +89,7 @@ def normalized_add_bwd(
     chunks = triton.cdiv(m, block * steps)
     partial = torch.empty(b, chunks, 3, dtype=torch.float64, device=r2.device)
     _normalized_add_sums_kernel[(b, chunks)](r2, u2, v2, partial, m, chunks, BLOCK=block, STEPS=steps)
-    s_u, s_v, s = partial.sum(dim=1).unbind(-1)
-    total = s_u.abs() + s_v.abs()
-    f_u = safe_divide(safe_divide(s_u.abs(), total) * s, s_u)
-    f_v = safe_divide(safe_divide(s_v.abs(), total) * s, s_v)
+    f_u, f_v = normalized_add_factors(*partial.sum(dim=1).unbind(-1))
     r_u, r_v = torch.empty_like(r2), torch.empty_like(r2)
     _normalized_add_scale_kernel[(b, triton.cdiv(m, block))](r2, u2, v2, f_u, f_v, r_u, r_v, m, BLOCK=block)
     return r_u.view(shape), r_v.view(shape)

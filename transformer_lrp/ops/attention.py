@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from transformer_lrp._backend import op_backend
 from transformer_lrp.ops.common import EPS, safe_divide
 
 
@@ -41,3 +42,174 @@ def attention_qk_relevance(
     r_query = (s @ key).mul_(query).mul_(factor)
     r_key = (s.transpose(-1, -2) @ query).mul_(key).mul_(factor)
     return r_query, r_key
+
+
+# ----------------------------------------------------------------------------------- fused softmax attention
+# The whole attention (softmax included) as one op, for the fused sweep: the forward keeps O and the row
+# log-sum-exp instead of A; the backward gives gradient, relevance and the per-block map without ``[B, H, N, N]``.
+
+KERNELS = {"attention_forward": ("triton",), "attention_relevance": ("triton",)}
+MAP_MODES = (None, "transformer_attribution", "gae")
+
+
+def _masked_scores(query, key, scale, key_mask):
+    scores = (query * scale) @ key.transpose(-1, -2)
+    if key_mask is None:
+        return scores, scores
+    return scores, scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+
+
+def attention_forward_ref(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(O, lse)``: ``O = softmax(scale·Q Kᵀ, padded keys masked) V``; ``lse`` the rows' log-sum-exp (float32 for
+    half inputs). Reference of ``attention_forward`` (materializes ``[B, H, NQ, NK]``)."""
+    _, masked = _masked_scores(query, key, scale, key_mask)
+    acc = torch.float32 if masked.dtype in (torch.float16, torch.bfloat16) else masked.dtype
+    lse = masked.to(acc).logsumexp(dim=-1)
+    attn = masked.softmax(dim=-1, dtype=acc).to(query.dtype)
+    return attn @ value, lse
+
+
+def attention_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, backend: str | None = "torch",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention keeping what the fused backward needs.
+
+    Args:
+        query: `[B, H, NQ, d]` (unscaled); key, value: `[B, H, NK, d]`; any strides.
+        scale: applied to the scores.
+        key_mask: `[B, NK]` bool, True for real keys (padded keys get probability 0).
+        out: optional `[B, H, NQ, d]` view to write ``O`` into (Triton only), e.g. of the heads-merged buffer.
+        backend: ``"torch"`` (reference), ``"triton"`` (``triton_kernels/attention_lrp.py``), ``None`` (automatic).
+
+    Returns:
+        ``(O, lse)``: `[B, H, NQ, d]` and the row log-sum-exp `[B, H, NQ]` (float32, float64 for float64 inputs).
+    """
+    if backend != "torch" and op_backend("attention_forward", KERNELS, (query, key, value), backend) == "triton":
+        from transformer_lrp.triton_kernels.attention_lrp import attention_fwd
+
+        return attention_fwd(query, key, value, scale, key_mask, out)
+    return attention_forward_ref(query, key, value, scale, key_mask)
+
+
+def attention_relevance_ref(
+    query, key, value, out, lse, scale, grad_out=None, rel_out=None, key_mask=None, mask_add=False, map_mode=None,
+    rollout=None, normalize_rows=False, want_map=False, inputs=True,
+) -> dict[str, torch.Tensor]:
+    """Reference of ``attention_relevance``: materializes ``A``; gradients by autograd, relevance by the rules above
+    (``lse`` is not read: ``A`` is recomputed)."""
+    from transformer_lrp.ops.residual import normalized_add_ref
+
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
+        scores, masked = _masked_scores(q, k, scale, key_mask)
+        acc = torch.float32 if masked.dtype in (torch.float16, torch.bfloat16) else masked.dtype
+        attn = masked.softmax(dim=-1, dtype=acc).to(q.dtype)
+        o = attn @ v
+    result: dict[str, torch.Tensor] = {}
+    grad_attn = None
+    if grad_out is not None:
+        dq, dk, dv, grad_attn = torch.autograd.grad(o, (q, k, v, attn), grad_out)
+        if inputs:
+            result.update(grad_query=dq, grad_key=dk, grad_value=dv)
+    attn, scores = attn.detach(), scores.detach()
+    r_attn = None
+    if rel_out is not None or map_mode == "transformer_attribution":
+        r_attn, r_value = attention_av_relevance(attn, value, out, rel_out)
+        if rel_out is not None and inputs:
+            r_scores = normalized_add_ref(r_attn, scores, None)[0] if mask_add else r_attn
+            r_query, r_key = attention_qk_relevance(query, key, scores, r_scores, scale)
+            result.update(rel_query=r_query, rel_key=r_key, rel_value=r_value)
+    if map_mode is not None:
+        e = (grad_attn * (r_attn if map_mode == "transformer_attribution" else attn)).clamp(min=0).mean(dim=1)
+        if rollout is not None:
+            w = rollout / (1 + e.sum(dim=-1)) if normalize_rows else rollout
+            result["rollout_rows"] = w
+            result["rollout_product"] = (w.unsqueeze(1) @ e).squeeze(1)
+        if want_map:
+            result["map"] = e
+    return result
+
+
+def attention_relevance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    *,
+    grad_out: torch.Tensor | None = None,
+    rel_out: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    mask_add: bool = False,
+    map_mode: str | None = None,
+    rollout: torch.Tensor | None = None,
+    normalize_rows: bool = False,
+    want_map: bool = False,
+    inputs: bool = True,
+    backend: str | None = "torch",
+) -> dict[str, torch.Tensor]:
+    r"""Backward of softmax attention carrying gradient and relevance, with the block's map reduced over heads.
+
+    Args:
+        query, key, value, out, lse: the forward's ``Q [B,H,NQ,d]`` (unscaled), ``K, V [B,H,NK,d]``, ``O`` and
+            ``lse`` (``attention_forward``).
+        scale: the scores' scale.
+        grad_out: ``∂y/∂O``: gives ``grad_query/key/value`` (and ``∇A = dO Vᵀ`` for the map).
+        rel_out: relevance of ``O``: gives ``rel_query/key/value`` (SPEC §2.6: G rules halved, softmax identity).
+        key_mask: `[B, NK]` bool, True for real keys.
+        mask_add: the model adds its padding mask to the scores (BERT): relevance passes that add by the
+            method's normalized add (its per-sample factor scales ``rel_query`` and ``rel_key``).
+        map_mode: ``"transformer_attribution"``: ``E = (∇A ⊙ R_A)⁺``; ``"gae"``: ``E = (∇A ⊙ A)⁺``; ``None``: no map.
+        rollout: `[B, NQ]` row vector ``v`` of the streaming rollout at this block's query rows: returns
+            ``rollout_rows`` (``v``, divided by the row sums of ``I + Ē`` when ``normalize_rows``) and
+            ``rollout_product`` `[B, NK]` = ``rollout_rows · Ē`` with ``Ē`` the head mean of ``E``.
+        want_map: also return ``map``, the head mean ``Ē`` `[B, NQ, NK]` (never the per-head maps).
+        inputs: ``False``: skip the gradients and relevance of Q, K, V (the lowest block needs only the map).
+        backend: ``"torch"`` (reference, materializes ``A``), ``"triton"`` or ``None`` (automatic).
+
+    Returns:
+        A dict with the keys asked for above.
+    """
+    if map_mode not in MAP_MODES:
+        raise ValueError(f"map_mode must be one of {MAP_MODES}, got {map_mode!r}")
+    if map_mode is not None and grad_out is None:
+        raise ValueError(f"map_mode={map_mode!r} needs grad_out (∇A = dO Vᵀ)")
+    if map_mode == "transformer_attribution" and rel_out is None:
+        raise ValueError("map_mode='transformer_attribution' needs rel_out (R_A)")
+    if (rollout is not None or want_map) and map_mode is None:
+        raise ValueError("rollout and want_map need a map_mode")
+    kwargs = dict(grad_out=grad_out, rel_out=rel_out, key_mask=key_mask, mask_add=mask_add, map_mode=map_mode,
+                  rollout=rollout, normalize_rows=normalize_rows, want_map=want_map, inputs=inputs)
+    if backend != "torch" and op_backend("attention_relevance", KERNELS, (query, key, value), backend) == "triton":
+        from transformer_lrp.triton_kernels.attention_lrp import attention_bwd
+
+        return attention_bwd(query, key, value, out, lse, scale, **kwargs)
+    return attention_relevance_ref(query, key, value, out, lse, scale, **kwargs)
+
+
+class AttentionLRPFunction(torch.autograd.Function):
+    """Softmax attention whose backward returns relevance ``(R_Q, R_K, R_V)`` for an incoming relevance of ``O``
+    (LRP as a modified gradient). The forward keeps ``O`` and the row log-sum-exp, never ``A``."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale, key_mask=None, backend=None):
+        out, lse = attention_forward(query, key, value, scale, key_mask, backend=backend)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.scale, ctx.key_mask, ctx.backend = scale, key_mask, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, relevance):
+        query, key, value, out, lse = ctx.saved_tensors
+        r = attention_relevance(query, key, value, out, lse, ctx.scale, rel_out=relevance, key_mask=ctx.key_mask,
+                                backend=ctx.backend)
+        return r["rel_query"], r["rel_key"], r["rel_value"], None, None, None
+
+
+def lrp_attention(query, key, value, scale: float, key_mask=None, backend: str | None = None) -> torch.Tensor:
+    """Functional form of ``AttentionLRPFunction``: attention forward, relevance backward."""
+    return AttentionLRPFunction.apply(query, key, value, scale, key_mask, backend)

@@ -66,6 +66,29 @@ def linear_alpha1beta0(
     Returns:
         Relevance of ``x``, `[..., in]` (a fresh tensor).
     """
+    return _alpha1beta0(x, weight, relevance, None, output, bias, abs_weight, backend)[0]
+
+
+def linear_alpha1beta0_with_grad(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    relevance: torch.Tensor,
+    grad_output: torch.Tensor,
+    output: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    abs_weight: torch.Tensor | None = None,
+    backend: str | None = "torch",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``linear_alpha1beta0`` and the input gradient ``grad_output @ weight`` of the same layer, for the sweep that
+    carries both: ``S W`` and ``dY W`` are one GEMM over the stacked rows ``[S; dY]`` (one pass over ``W``).
+
+    Returns:
+        ``(R_x, dL/dx)``, both `[..., in]`.
+    """
+    return _alpha1beta0(x, weight, relevance, grad_output, output, bias, abs_weight, backend)
+
+
+def _alpha1beta0(x, weight, relevance, grad_output, output, bias, abs_weight, backend):
     if output is None:
         output, bias = F.linear(x, weight), None
     if abs_weight is None:
@@ -74,7 +97,7 @@ def linear_alpha1beta0(
         from transformer_lrp.triton_kernels.linear_lrp import linear_alpha1beta0_bwd
 
         return linear_alpha1beta0_bwd(x, weight, relevance, output, bias, abs_weight,
-                                      cancellation_tolerance(x.dtype))
+                                      cancellation_tolerance(x.dtype), grad_output=grad_output)
     # 2-D views: every product below is a plain GEMM. Few fresh [..., out] buffers, the rest in place.
     shape_in, n_out = x.shape, weight.shape[0]
     x, relevance, output = x.reshape(-1, shape_in[-1]), relevance.reshape(-1, n_out), output.reshape(-1, n_out)
@@ -87,8 +110,14 @@ def linear_alpha1beta0(
     dropped = torch.le(den, z_abs.mul_(2 * cancellation_tolerance(den.dtype)))
     # S/2 = R / (2z + 2·eps) is the reference's R / (z + eps), halved: the identity's 1/2 is folded into S.
     half_s = torch.div(relevance, den.add_(2 * EPS), out=den).masked_fill_(dropped, 0)
-    out = (half_s @ weight).mul_(x)
-    return out.addcmul_(abs_x, half_s @ abs_weight).view(shape_in)
+    grad_x = None
+    if grad_output is None:
+        s_w = half_s @ weight
+    else:
+        s_w, grad_x = (torch.cat([half_s, grad_output.reshape(-1, n_out)]) @ weight).split(x.shape[0])
+        grad_x = grad_x.view(shape_in)
+    out = s_w.mul_(x)
+    return out.addcmul_(abs_x, half_s @ abs_weight).view(shape_in), grad_x
 
 
 def linear_alpha1beta0_separate(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:

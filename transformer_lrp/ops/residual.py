@@ -63,13 +63,18 @@ def normalized_add_ref(
     r_u, r_v = z_add(relevance, u, v)
     s_u, s = _per_sample_sum(r_u), _per_sample_sum(relevance)
     s_v = torch.zeros_like(s_u) if r_v is None else _per_sample_sum(r_v)
+    factor_u, factor_v = normalized_add_factors(s_u, s_v, s)
+    r_u = r_u.mul_(factor_u)
+    return r_u, (None if r_v is None else r_v.mul_(factor_v))
+
+
+def normalized_add_factors(s_u: torch.Tensor, s_v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample factors of the normalized add from the raw z-rule totals ``s_u``, ``s_v`` and ``s = Σ R``:
+    ``f_b / s_b`` with ``f_b = |s_b| / (|s_u| + |s_v|) · s`` (each division a ``safe_divide``, as the reference)."""
     total = s_u.abs() + s_v.abs()
-    f_u = safe_divide(s_u.abs(), total) * s
-    r_u = r_u.mul_(safe_divide(f_u, s_u))
-    if r_v is None:
-        return r_u, None
-    f_v = safe_divide(s_v.abs(), total) * s
-    return r_u, r_v.mul_(safe_divide(f_v, s_v))
+    factor_u = safe_divide(safe_divide(s_u.abs(), total) * s, s_u)
+    factor_v = safe_divide(safe_divide(s_v.abs(), total) * s, s_v)
+    return factor_u, factor_v
 
 
 def clone_relevance(x: torch.Tensor, *relevances: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""The fused sweep (forward without attention maps; gradient and relevance in one reverse sweep) against the
+engine's path, whose attention gradients come from autograd on a materialized forward: with the reference ops
+on every model family (float64), and with the Triton kernels (TRITON_INTERPRET=1 on CPU) on small models."""
+
+import _models as M
+import pytest
+import torch
+
+import transformer_lrp as tl
+from transformer_lrp import fused, methods
+from transformer_lrp.adapters import build_encoder
+
+FAMILIES = {
+    "timm_vit": (lambda: M.timm_vit(depth=3), lambda: M.images(3)),
+    "timm_deit_distilled": (M.timm_deit_distilled, lambda: M.images(2)),
+    "timm_layerscale_registers": (M.timm_dinov2_like, lambda: M.images(2, size=28)),
+    "hf_vit": (M.hf_vit, lambda: M.images(2)),
+    "bert_types_padded": (M.hf_bert, lambda: M.text_batch(with_types=True)),
+    "roberta": (M.hf_roberta, lambda: M.text_batch()),
+    "distilbert_padded": (M.hf_distilbert, lambda: M.text_batch((9, 4))),
+}
+SETTINGS = {
+    "all_layers": dict(start_layer=0, normalize_rows=False),
+    "from_1_normalized": dict(start_layer=1, normalize_rows=True),
+    "last_block": dict(start_layer=-1, normalize_rows=False),
+}
+
+
+def _rows(model, inputs, method, setting, backend, target=None):
+    """(engine row, fused row) for one call, without the API's post-processing."""
+    enc = build_encoder(model)
+    emb = enc.embed(inputs)
+    start = setting["start_layer"] % enc.depth
+
+    def check_target(logits, t):
+        return logits.argmax(-1) if t is None else t
+
+    ref = methods.run(enc, emb, method, target, start, setting["normalize_rows"], check_target, "torch")
+    out = fused.run(enc, emb, method, target, start, setting["normalize_rows"], check_target, backend)
+    assert torch.equal(out.target, ref.target)
+    torch.testing.assert_close(out.logits, ref.logits)
+    return ref.row, out.row
+
+
+def _assert_close(out, ref, rel):
+    err = (out.double() - ref.double()).abs().max() / ref.double().abs().max()
+    assert err <= rel, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("method", fused.FUSED_METHODS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_sweep_with_reference_ops_equals_engine(family, method, setting):
+    make_model, make_inputs = FAMILIES[family]
+    ref, out = _rows(make_model(), make_inputs(), method, SETTINGS[setting], "torch")
+    _assert_close(out, ref, 1e-12)
+
+
+TRITON_CASES = {
+    "timm_vit": (lambda dt: M.timm_vit(dt, depth=2), lambda dt: M.images(2, dtype=dt)),
+    "bert_padded": (lambda dt: M.hf_bert(dt, num_hidden_layers=2), lambda dt: M.text_batch((9, 6))),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("setting", ["all_layers", "from_1_normalized"])
+@pytest.mark.parametrize("method", fused.FUSED_METHODS)
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_explain_equals_torch(name, method, setting, dtype):
+    make_model, make_inputs = TRITON_CASES[name]
+    model, inputs = make_model(dtype), make_inputs(dtype)
+    kw = SETTINGS[setting]
+    ref = tl.explain(model, inputs, method=method, **kw)
+    out = tl.explain(model, inputs, method=method, backend="triton", **kw)
+    assert torch.equal(out.target, ref.target)
+    _assert_close(out.relevance, ref.relevance, 1e-10 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("family", ["timm_deit_distilled", "timm_layerscale_registers", "distilbert_padded"])
+def test_triton_sweep_other_families(family):
+    make_model, make_inputs = FAMILIES[family]
+    ref, out = _rows(make_model(), make_inputs(), "transformer_attribution", SETTINGS["all_layers"], "triton")
+    _assert_close(out, ref, 1e-10)
+
+
+def test_triton_sweep_never_materializes_attention(monkeypatch):
+    """With backend="triton" the reference attention ops (the only code forming [B, H, N, N]) are never called."""
+    import transformer_lrp.ops.attention as attention
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("materialized attention on the Triton path")
+
+    monkeypatch.setattr(attention, "attention_forward_ref", forbidden)
+    monkeypatch.setattr(attention, "attention_relevance_ref", forbidden)
+    monkeypatch.setattr(torch.Tensor, "softmax", forbidden)
+    model, x = M.timm_vit(depth=2), M.images(2)
+    for method in fused.FUSED_METHODS:
+        assert torch.isfinite(tl.explain(model, x, method=method, backend="triton").relevance).all()
+
+
+def test_triton_padded_sample_equals_sample_alone():
+    model, lengths = M.hf_bert(num_hidden_layers=2), (9, 5)
+    inputs = M.text_batch(lengths)
+    batch = tl.explain(model, inputs, target=[1, 0], backend="triton")
+    for i, n in enumerate(lengths):
+        alone = tl.explain(model, {k: v[i : i + 1, :n] for k, v in inputs.items()}, target=[1, 0][i],
+                           backend="triton")
+        _assert_close(batch.relevance[i, :n], alone.relevance[0], 1e-10)
+        assert torch.equal(batch.relevance[i, n:], torch.zeros_like(batch.relevance[i, n:]))

@@ -1,0 +1,81 @@
+"""LayerNorm in the sweep that carries gradient and relevance: its gradient backward, fused with the relevance
+rules next to it (SPEC §2.7 identity, §2.9 clone, §2.8 normalized add).
+
+Pre-LN blocks (ViT): ``z = x + branch`` feeds ``LN`` and the residual, so ``dz = LN'(dY) + d_res`` and
+``R_z = clone(z; R_LN, R_res)``, then split over ``x`` and ``branch``. Post-LN blocks (BERT): ``y = LN(branch + x)``,
+so ``dz = LN'(dY)`` and ``R_z = R_y``, then split. Without a second summand the op stops at ``R_z``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from transformer_lrp._backend import op_backend
+from transformer_lrp.ops.residual import clone_relevance, normalized_add_ref
+
+KERNELS = {"layernorm_relevance": ("triton",)}
+
+
+def layernorm_relevance_ref(
+    u: torch.Tensor,
+    v: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    ln_eps: float,
+    grad_norm_out: torch.Tensor,
+    rel_norm_out: torch.Tensor | None,
+    grad_residual: torch.Tensor | None = None,
+    rel_residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Reference of ``layernorm_relevance``: the LayerNorm gradient by autograd, the relevance by the rules."""
+    z = u if v is None else u + v
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_(True)
+        out = F.layer_norm(leaf, (z.shape[-1],), weight, bias, ln_eps)
+        grad = torch.autograd.grad(out, leaf, grad_norm_out)[0]
+    if grad_residual is not None:
+        grad = grad + grad_residual
+    if rel_norm_out is None:
+        return grad, None, None
+    rel = rel_norm_out if rel_residual is None else clone_relevance(z, rel_norm_out, rel_residual)
+    if v is None:
+        return grad, rel, None
+    r_u, r_v = normalized_add_ref(rel, u, v)
+    return grad, r_u, r_v
+
+
+def layernorm_relevance(
+    u: torch.Tensor,
+    v: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    ln_eps: float,
+    grad_norm_out: torch.Tensor,
+    rel_norm_out: torch.Tensor | None,
+    grad_residual: torch.Tensor | None = None,
+    rel_residual: torch.Tensor | None = None,
+    backend: str | None = "torch",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    r"""Gradient and relevance at ``z = u + v`` (or ``z = u``), the input of a LayerNorm.
+
+    Args:
+        u, v: the summands, `[B, ..., D]` (``v=None``: ``z = u``, no split).
+        weight, bias, ln_eps: the LayerNorm's (the bias does not enter the backward).
+        grad_norm_out, rel_norm_out: gradient and relevance of the LayerNorm's output (``rel_norm_out=None``: the
+            gradient only).
+        grad_residual, rel_residual: gradient and relevance reaching ``z`` by the residual path (pre-LN), if any.
+        backend: ``"torch"`` (reference), ``"triton"`` (``triton_kernels/layernorm_lrp.py``, two passes) or ``None``.
+
+    Returns:
+        ``(dL/dz, R_u, R_v)``; without ``v``: ``(dL/dz, R_z, None)``; without relevance: ``(dL/dz, None, None)``.
+        The normalized add's sums are per sample.
+    """
+    tensors = (u, grad_norm_out)
+    if backend != "torch" and op_backend("layernorm_relevance", KERNELS, tensors, backend) == "triton":
+        from transformer_lrp.triton_kernels.layernorm_lrp import layernorm_relevance_bwd
+
+        return layernorm_relevance_bwd(u, v, weight, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
+                                       rel_residual)
+    return layernorm_relevance_ref(u, v, weight, bias, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
+                                   rel_residual)

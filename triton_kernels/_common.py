@@ -1,0 +1,16 @@
+"""Device helpers shared by the kernels."""
+
+import triton
+import triton.language as tl
+
+from transformer_lrp.ops.common import EPS
+
+EPS_C = tl.constexpr(EPS)  # the reference's denominator offset, a compile-time constant
+
+
+@triton.jit
+def safe_div(a, b, eps):
+    # safe_divide of the reference (SPEC §2.2): a / (b + eps), eps where that sum is 0, and 0 where b == 0
+    den = b + eps
+    den = tl.where(den == 0.0, eps, den)
+    return tl.where(b == 0.0, 0.0, a / den)

@@ -1,0 +1,415 @@
+"""Softmax attention, forward and relevance backward, flash-attention style: no ``[N, N]`` tile ever reaches memory.
+
+Per (sample, head): ``sc = scale · Q Kᵀ`` (padded keys masked), ``P = softmax(sc)``, ``O = P V``.
+
+``_attn_fwd_kernel`` (grid: query tiles × B·H) writes ``O`` and the row log-sum-exp ``lse`` (online softmax).
+
+The backward recomputes ``P = exp(sc − lse)`` tile by tile and forms, with ``dO`` the output gradient and
+``hS = safe_divide(R_O, O) / 2`` the halved G-rule factor of the output relevance (SPEC §2.6):
+  gradient   ``dP = dO Vᵀ``, ``dS = P ⊙ (dP − Δ)`` (``Δ = rowsum(dO ⊙ O)``), ``dQ = scale·dS K``, ``dK = scale·dSᵀ Q``,
+             ``dV = Pᵀ dO``;
+  relevance  ``R_A = P ⊙ (hS Vᵀ)``, ``R_V = V ⊙ (Pᵀ hS)``; the softmax is an identity, the BERT mask add a z-rule
+             (``R_sc = sc ⊙ safe_divide(R_A, sc)``, its per-sample normalization applied by the launcher), then
+             ``T = safe_divide(R_sc, sc, eps·scale)``, ``R_Q = Q ⊙ (T K)·scale/2``, ``R_K = K ⊙ (Tᵀ Q)·scale/2``;
+  the map    ``E = (dP ⊙ R_A)⁺`` (transformer attribution) or ``(dP ⊙ P)⁺`` (GAE), reduced in the kernel: the
+             streaming-rollout product ``Σ_i w_i E_ij`` per key and head, the row sums ``Σ_j E_ij`` per query
+             and head, or (on request) the head mean ``[B, Nq, Nk]`` accumulated atomically.
+``_attn_bwd_kv_kernel`` (grid: key tiles × B·H) owns ``dK, dV, R_K, R_V`` and the rollout product;
+``_attn_bwd_q_kernel`` (grid: query tiles × B·H) owns ``dQ, R_Q`` and the row sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from transformer_lrp.triton_kernels._common import EPS_C, safe_div
+
+from transformer_lrp.ops.common import safe_divide
+
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces inf − inf
+
+MAP_NONE, MAP_TA, MAP_GAE = 0, 1, 2
+MAP_MODES = {None: MAP_NONE, "transformer_attribution": MAP_TA, "gae": MAP_GAE}
+
+
+@triton.jit
+def _mm(a, b, MM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    # operands in the model's dtype (tensor cores for bf16/fp16), accumulation in DT
+    return tl.dot(a.to(MM), b.to(MM), input_precision=PREC, out_dtype=DT)
+
+
+@triton.jit
+def _load_rows(ptr, offs, mask_rows, o_d, mask_d, stride_n, DT: tl.constexpr):
+    return tl.load(ptr + offs[:, None] * stride_n + o_d[None, :], mask=mask_rows[:, None] & mask_d[None, :],
+                   other=0.0).to(DT)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, KEEP, OUT, LSE,  # Q [B,H,NQ,d], K/V [B,H,NK,d] (last stride 1), KEEP [B,NK] int8, OUT like Q,
+    # LSE [B,H,NQ]
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+    H, NQ, NK, HEAD_DIM, scale,
+    HAS_MASK: tl.constexpr, DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = o_m < NQ, o_d < HEAD_DIM
+    b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, DT) * scale  # as the reference
+    row_max = tl.full([BLOCK_M], _NEG, dtype=DT)
+    row_sum = tl.zeros([BLOCK_M], dtype=DT)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
+    for start in range(0, NK, BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)
+        valid = o_n < NK
+        if HAS_MASK:
+            valid = valid & (tl.load(KEEP + i_b * NK + o_n, mask=o_n < NK, other=0) != 0)
+        b_k = _load_rows(K + i_b * s_kb + i_h * s_kh, o_n, o_n < NK, o_d, m_d, s_kn, DT)
+        b_v = _load_rows(V + i_b * s_vb + i_h * s_vh, o_n, o_n < NK, o_d, m_d, s_vn, DT)
+        b_s = _mm(b_q, tl.trans(b_k), MM, DT, PREC)
+        b_s = tl.where(valid[None, :], b_s, _NEG)
+        new_max = tl.maximum(row_max, tl.max(b_s, axis=1))
+        b_p = tl.where(valid[None, :], tl.exp(b_s - new_max[:, None]), 0.0)
+        alpha = tl.exp(row_max - new_max)
+        row_sum = row_sum * alpha + tl.sum(b_p, axis=1)
+        acc = acc * alpha[:, None] + _mm(b_p, b_v, MM, DT, PREC)
+        row_max = new_max
+    b_o = acc / row_sum[:, None]
+    o_ptr = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_on + o_d[None, :]
+    tl.store(o_ptr, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    tl.store(LSE + i_bh * NQ + o_m, (row_max + tl.log(row_sum)).to(LSE.dtype.element_ty), mask=m_m)
+
+
+@triton.jit
+def _tile(b_q, b_k, b_v, b_do, b_hs, b_lse, b_delta, valid, scale,
+          NEED_DP: tl.constexpr, NEED_RA: tl.constexpr, NEED_GRAD: tl.constexpr, DT: tl.constexpr,
+          MM: tl.constexpr, PREC: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of the backward: scores, P, dP, R_A, dS (zeros where not needed)."""
+    b_sc = _mm(b_q * scale, tl.trans(b_k), MM, DT, PREC)  # (scale·Q) Kᵀ, rounded as the reference
+    b_p = tl.where(valid, tl.exp(b_sc - b_lse[:, None]), 0.0)
+    b_dp = tl.zeros_like(b_p)
+    b_ra = tl.zeros_like(b_p)
+    b_ds = tl.zeros_like(b_p)
+    if NEED_DP:
+        b_dp = _mm(b_do, tl.trans(b_v), MM, DT, PREC)
+    if NEED_RA:
+        b_ra = b_p * _mm(b_hs, tl.trans(b_v), MM, DT, PREC)
+    if NEED_GRAD:
+        b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_sc, b_p, b_dp, b_ra, b_ds
+
+
+@triton.jit
+def _score_factor(b_sc, b_ra, scale, MASK_ADD: tl.constexpr):
+    """T = safe_divide(R_sc, sc, eps·scale), with R_sc the mask add's z-rule share (unnormalized) or R_A."""
+    b_r = b_ra
+    if MASK_ADD:
+        b_r = b_sc * safe_div(b_ra, b_sc, EPS_C)
+    return safe_div(b_r, b_sc, EPS_C * scale), b_r
+
+
+@triton.jit
+def _map_tile(b_p, b_dp, b_ra, MAP: tl.constexpr):
+    if MAP == 1:
+        return tl.maximum(b_dp * b_ra, 0.0)
+    return tl.maximum(b_dp * b_p, 0.0)
+
+
+@triton.jit
+def _attn_bwd_kv_kernel(
+    Q, K, V, DO, HS, LSE, DELTA, KEEP, W,  # DO, HS like Q; LSE, DELTA [B,H,NQ]; W [B,NQ] rollout weights / H
+    DK, DV, RK, RV,  # outputs like K (contiguous [B,H,NK,d])
+    ROLL,  # out: [B,H,NK] Σ_i W_i E_ij
+    SUMS,  # out: [B,H,KTILES,2] partial Σ R_sc (z-rule share) and Σ R_A (mask add normalization)
+    MAPOUT,  # out (atomic): [B,NQ,NK] head mean of E
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_hb, s_hh, s_hn,
+    H, NQ, NK, HEAD_DIM, KTILES, scale, inv_heads,
+    HAS_MASK: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_REL: tl.constexpr,
+    MAP: tl.constexpr, ROLLOUT: tl.constexpr, WANT_MAP: tl.constexpr,
+    DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    NEED_DP: tl.constexpr = NEED_GRAD or (MAP != 0)
+    NEED_RA: tl.constexpr = NEED_REL or (MAP == 1)
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n, m_d = o_n < NK, o_d < HEAD_DIM
+    valid_n = m_n
+    if HAS_MASK:
+        valid_n = valid_n & (tl.load(KEEP + i_b * NK + o_n, mask=m_n, other=0) != 0)
+    b_k = _load_rows(K + i_b * s_kb + i_h * s_kh, o_n, m_n, o_d, m_d, s_kn, DT)
+    b_v = _load_rows(V + i_b * s_vb + i_h * s_vh, o_n, m_n, o_d, m_d, s_vn, DT)
+    acc_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=DT)
+    acc_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=DT)
+    acc_rk = tl.zeros([BLOCK_N, BLOCK_D], dtype=DT)
+    acc_rv = tl.zeros([BLOCK_N, BLOCK_D], dtype=DT)
+    acc_roll = tl.zeros([BLOCK_N], dtype=DT)
+    sum_u = tl.zeros([BLOCK_N], dtype=DT)
+    sum_r = tl.zeros([BLOCK_N], dtype=DT)
+    for start in range(0, NQ, BLOCK_M):
+        o_m = start + tl.arange(0, BLOCK_M)
+        m_m = o_m < NQ
+        valid = m_m[:, None] & valid_n[None, :]
+        b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, DT)
+        b_lse = tl.load(LSE + i_bh * NQ + o_m, mask=m_m, other=0.0).to(DT)
+        b_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
+        b_hs = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
+        b_delta = tl.zeros([BLOCK_M], dtype=DT)
+        if NEED_DP:
+            b_do = _load_rows(DO + i_b * s_db + i_h * s_dh, o_m, m_m, o_d, m_d, s_dn, DT)
+        if NEED_GRAD:
+            b_delta = tl.load(DELTA + i_bh * NQ + o_m, mask=m_m, other=0.0).to(DT)
+        if NEED_RA:
+            b_hs = _load_rows(HS + i_b * s_hb + i_h * s_hh, o_m, m_m, o_d, m_d, s_hn, DT)
+        b_sc, b_p, b_dp, b_ra, b_ds = _tile(b_q, b_k, b_v, b_do, b_hs, b_lse, b_delta, valid, scale,
+                                            NEED_DP, NEED_RA, NEED_GRAD, DT, MM, PREC)
+        if NEED_GRAD:
+            acc_dv += _mm(tl.trans(b_p), b_do, MM, DT, PREC)
+            acc_dk += _mm(tl.trans(b_ds), b_q, MM, DT, PREC)
+        if NEED_REL:
+            acc_rv += _mm(tl.trans(b_p), b_hs, MM, DT, PREC)
+            b_t, b_r = _score_factor(b_sc, b_ra, scale, MASK_ADD)
+            acc_rk += _mm(tl.trans(b_t), b_q, MM, DT, PREC)
+            if MASK_ADD:
+                sum_u += tl.sum(b_r, axis=0)
+                sum_r += tl.sum(b_ra, axis=0)
+        if MAP != 0:
+            b_e = _map_tile(b_p, b_dp, b_ra, MAP)
+            if ROLLOUT:
+                b_w = tl.load(W + i_b * NQ + o_m, mask=m_m, other=0.0).to(DT)
+                acc_roll += tl.sum(b_w[:, None] * b_e, axis=0)
+            if WANT_MAP:
+                m_ptr = MAPOUT + i_b * NQ * NK + o_m[:, None] * NK + o_n[None, :]
+                tl.atomic_add(m_ptr, (b_e * inv_heads).to(MAPOUT.dtype.element_ty), mask=valid)
+    kv_off = i_bh * NK * HEAD_DIM + o_n[:, None] * HEAD_DIM + o_d[None, :]
+    m_kv = m_n[:, None] & m_d[None, :]
+    if NEED_GRAD:
+        tl.store(DK + kv_off, (acc_dk * scale).to(DK.dtype.element_ty), mask=m_kv)
+        tl.store(DV + kv_off, acc_dv.to(DV.dtype.element_ty), mask=m_kv)
+    if NEED_REL:
+        tl.store(RK + kv_off, (b_k * acc_rk * (0.5 * scale)).to(RK.dtype.element_ty), mask=m_kv)
+        tl.store(RV + kv_off, (b_v * acc_rv).to(RV.dtype.element_ty), mask=m_kv)
+        if MASK_ADD:
+            tl.store(SUMS + (i_bh * KTILES + i_n) * 2, tl.sum(sum_u, axis=0).to(SUMS.dtype.element_ty))
+            tl.store(SUMS + (i_bh * KTILES + i_n) * 2 + 1, tl.sum(sum_r, axis=0).to(SUMS.dtype.element_ty))
+    if ROLLOUT:
+        tl.store(ROLL + i_bh * NK + o_n, acc_roll.to(ROLL.dtype.element_ty), mask=m_n)
+
+
+@triton.jit
+def _attn_bwd_q_kernel(
+    Q, K, V, DO, HS, LSE, DELTA, KEEP,
+    DQ, RQ,  # outputs like Q (contiguous [B,H,NQ,d])
+    ROWSUM,  # out: [B,H,NQ] Σ_j E_ij
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_hb, s_hh, s_hn,
+    H, NQ, NK, HEAD_DIM, scale,
+    HAS_MASK: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_REL: tl.constexpr,
+    MAP: tl.constexpr, WANT_ROWSUM: tl.constexpr,
+    DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    NEED_DP: tl.constexpr = NEED_GRAD or WANT_ROWSUM
+    NEED_RA: tl.constexpr = NEED_REL or (WANT_ROWSUM and MAP == 1)
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = o_m < NQ, o_d < HEAD_DIM
+    b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, DT)
+    b_lse = tl.load(LSE + i_bh * NQ + o_m, mask=m_m, other=0.0).to(DT)
+    b_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
+    b_hs = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
+    b_delta = tl.zeros([BLOCK_M], dtype=DT)
+    if NEED_DP:
+        b_do = _load_rows(DO + i_b * s_db + i_h * s_dh, o_m, m_m, o_d, m_d, s_dn, DT)
+    if NEED_GRAD:
+        b_delta = tl.load(DELTA + i_bh * NQ + o_m, mask=m_m, other=0.0).to(DT)
+    if NEED_RA:
+        b_hs = _load_rows(HS + i_b * s_hb + i_h * s_hh, o_m, m_m, o_d, m_d, s_hn, DT)
+    acc_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
+    acc_rq = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
+    acc_row = tl.zeros([BLOCK_M], dtype=DT)
+    for start in range(0, NK, BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)
+        m_n = o_n < NK
+        valid_n = m_n
+        if HAS_MASK:
+            valid_n = valid_n & (tl.load(KEEP + i_b * NK + o_n, mask=m_n, other=0) != 0)
+        valid = m_m[:, None] & valid_n[None, :]
+        b_k = _load_rows(K + i_b * s_kb + i_h * s_kh, o_n, m_n, o_d, m_d, s_kn, DT)
+        b_v = _load_rows(V + i_b * s_vb + i_h * s_vh, o_n, m_n, o_d, m_d, s_vn, DT)
+        b_sc, b_p, b_dp, b_ra, b_ds = _tile(b_q, b_k, b_v, b_do, b_hs, b_lse, b_delta, valid, scale,
+                                            NEED_DP, NEED_RA, NEED_GRAD, DT, MM, PREC)
+        if NEED_GRAD:
+            acc_dq += _mm(b_ds, b_k, MM, DT, PREC)
+        if NEED_REL:
+            b_t, b_r = _score_factor(b_sc, b_ra, scale, MASK_ADD)
+            acc_rq += _mm(b_t, b_k, MM, DT, PREC)
+        if WANT_ROWSUM:
+            acc_row += tl.sum(_map_tile(b_p, b_dp, b_ra, MAP), axis=1)
+    q_off = i_bh * NQ * HEAD_DIM + o_m[:, None] * HEAD_DIM + o_d[None, :]
+    m_q = m_m[:, None] & m_d[None, :]
+    if NEED_GRAD:
+        tl.store(DQ + q_off, (acc_dq * scale).to(DQ.dtype.element_ty), mask=m_q)
+    if NEED_REL:
+        tl.store(RQ + q_off, (b_q * acc_rq * (0.5 * scale)).to(RQ.dtype.element_ty), mask=m_q)
+    if WANT_ROWSUM:
+        tl.store(ROWSUM + i_bh * NQ + o_m, acc_row.to(ROWSUM.dtype.element_ty), mask=m_m)
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+
+def _compute_dtype(t: torch.Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+_MM_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+              torch.float16: tl.float16}
+
+
+def _precision(t: torch.Tensor) -> str:
+    # float32 inputs follow torch's TF32 switch for matmuls, as the reference path's GEMMs do
+    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _blocks(nq: int, nk: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    big = 32 if dtype == torch.float64 or block_d > 64 else 64
+    block_m = min(big, max(16, triton.next_power_of_2(nq)))
+    block_n = min(big, max(16, triton.next_power_of_2(nk)))
+    return block_m, block_n, block_d
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _keep(key_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if key_mask is None:
+        return torch.empty(1, dtype=torch.int8, device=like.device)
+    return key_mask.to(device=like.device, dtype=torch.int8).contiguous()
+
+
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``O = softmax(scale·Q Kᵀ) V`` and ``lse`` (float32, float64 for float64 inputs).
+
+    ``q [B,H,NQ,d]``, ``k, v [B,H,NK,d]`` (any strides), ``key_mask [B,NK]`` bool (True = real key). ``out``: a
+    ``[B,H,NQ,d]`` view to write ``O`` into (e.g. the heads-merged ``[B,NQ,H·d]`` buffer, transposed).
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    bm, bn, bd = _blocks(nq, nk, d, q.dtype)
+    _attn_fwd_kernel[(triton.cdiv(nq, bm), b * h)](
+        q, k, v, _keep(key_mask, q), out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        h, nq, nk, d, float(scale),
+        HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_MM_DTYPES[q.dtype],
+        PREC=_precision(q),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+    )
+    return out, lse
+
+
+def attention_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
+    grad_out: torch.Tensor | None = None, rel_out: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+    mask_add: bool = False, map_mode: str | None = None, rollout: torch.Tensor | None = None,
+    normalize_rows: bool = False, want_map: bool = False, inputs: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Launcher of the backward; see ``transformer_lrp.ops.attention_relevance`` for the arguments and outputs."""
+    q, k, v, out = (_last_dim_contiguous(t) for t in (q, k, v, out))
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    need_grad, need_rel = inputs and grad_out is not None, inputs and rel_out is not None
+    mode = MAP_MODES[map_mode]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dummy = q.new_empty(1)
+    delta = half_s = dummy
+    if grad_out is not None:
+        grad_out = _last_dim_contiguous(grad_out)
+    if need_grad:
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1).contiguous()
+    if need_rel or mode == MAP_TA:
+        # the G rule's factor of O = A V, halved (SPEC §2.6)
+        half_s = safe_divide(rel_out.to(acc), out.to(acc)).mul_(0.5).to(q.dtype).contiguous()
+    do = grad_out if grad_out is not None else dummy
+    do_strides = (do.stride(0), do.stride(1), do.stride(2)) if do.dim() == 4 else (0, 0, 0)
+    hs_strides = (half_s.stride(0), half_s.stride(1), half_s.stride(2)) if half_s.dim() == 4 else (0, 0, 0)
+    bm, bn, bd = _blocks(nq, nk, d, q.dtype)
+    keep = _keep(key_mask, q)
+    dt, prec = _compute_dtype(q), _precision(q)
+    common = dict(HAS_MASK=key_mask is not None, MASK_ADD=mask_add and need_rel, NEED_GRAD=need_grad,
+                  NEED_REL=need_rel, MAP=mode, DT=dt, MM=_MM_DTYPES[q.dtype], PREC=prec,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), *do_strides, *hs_strides)
+    result: dict[str, torch.Tensor] = {}
+
+    want_rowsum = mode != MAP_NONE and rollout is not None and normalize_rows
+    if need_grad or need_rel or want_rowsum:
+        dq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device) if need_grad else dummy
+        rq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device) if need_rel else dummy
+        rowsum = torch.empty(b, h, nq, dtype=acc, device=q.device) if want_rowsum else dummy
+        _attn_bwd_q_kernel[(triton.cdiv(nq, bm), b * h)](
+            q, k, v, do, half_s, lse, delta, keep, dq, rq, rowsum, *strides, h, nq, nk, d, float(scale),
+            WANT_ROWSUM=want_rowsum, **common)
+        if need_grad:
+            result["grad_query"] = dq
+        if need_rel:
+            result["rel_query"] = rq
+    weights = dummy
+    if rollout is not None:
+        weights = rollout.to(acc)
+        if normalize_rows:  # rows of I + Ē, head mean of the per-head row sums
+            weights = weights / (1 + rowsum.sum(1) / h)
+        result["rollout_rows"] = weights
+        weights = (weights / h).contiguous()
+
+    ktiles = triton.cdiv(nk, bn)
+    dk = torch.empty(b, h, nk, d, dtype=q.dtype, device=q.device) if need_grad else dummy
+    dv = torch.empty_like(dk) if need_grad else dummy
+    rk = torch.empty(b, h, nk, d, dtype=q.dtype, device=q.device) if need_rel else dummy
+    rv = torch.empty_like(rk) if need_rel else dummy
+    roll = torch.empty(b, h, nk, dtype=acc, device=q.device) if rollout is not None else dummy
+    sums = torch.empty(b, h, ktiles, 2, dtype=acc, device=q.device) if (mask_add and need_rel) else dummy
+    mapout = torch.zeros(b, nq, nk, dtype=acc, device=q.device) if want_map else dummy
+    if need_grad or need_rel or rollout is not None or want_map:
+        _attn_bwd_kv_kernel[(ktiles, b * h)](
+            q, k, v, do, half_s, lse, delta, keep, weights, dk, dv, rk, rv, roll, sums, mapout, *strides,
+            h, nq, nk, d, ktiles, float(scale), 1.0 / h,
+            ROLLOUT=rollout is not None and mode != MAP_NONE, WANT_MAP=want_map and mode != MAP_NONE, **common)
+    if need_grad:
+        result["grad_key"], result["grad_value"] = dk, dv
+    if need_rel:
+        result["rel_key"], result["rel_value"] = rk, rv
+        if mask_add:
+            # The padding-mask add's normalization (SPEC §2.8 with v = 0), per sample: scales R_Q and R_K.
+            s_u, s_r = sums.double().sum(dim=(1, 2)).unbind(-1)
+            factor = safe_divide(safe_divide(s_u.abs(), s_u.abs()) * s_r, s_u).to(q.dtype)[:, None, None, None]
+            result["rel_query"] = result["rel_query"] * factor
+            result["rel_key"] = result["rel_key"] * factor
+    if rollout is not None:
+        result["rollout_product"] = roll.sum(1)
+    if want_map:
+        result["map"] = mapout
+    return result
