@@ -174,3 +174,21 @@ def test_argument_and_dispatch_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1 is not set"):
         attention_forward(q, k, v, 0.5, backend="triton")
+
+
+def test_kernels_bfloat16(monkeypatch):
+    """bf16 operands (fp32 accumulation): within bf16 rounding of the float64 reference of the same inputs, for
+    everything but R_Q/R_K (their division by near-zero scores is ill-conditioned in any bf16 implementation)."""
+    q, k, v, key_mask, d_o, r_o, roll = _inputs(SHAPES[0], torch.bfloat16, masked=True)
+    with nan_buffers(monkeypatch):
+        o, lse = attention_forward(q, k, v, 0.37, key_mask, backend="triton")
+    ref_o, ref_lse = attention_forward(q.double(), k.double(), v.double(), 0.37, key_mask)
+    _close(o.double(), ref_o, 1e-2, "O")
+    kw = dict(grad_out=d_o, rel_out=r_o, key_mask=key_mask, map_mode="transformer_attribution", rollout=roll)
+    with nan_buffers(monkeypatch):
+        out = attention_relevance(q, k, v, o, lse, 0.37, backend="triton", **kw)
+    ref = attention_relevance(q.double(), k.double(), v.double(), o.double(), lse.double(), 0.37,
+                              **{key: (val.double() if torch.is_tensor(val) and val.is_floating_point() else val)
+                                 for key, val in kw.items()})
+    for name in ("grad_query", "grad_key", "grad_value", "rel_value", "rollout_rows", "rollout_product"):
+        _close(out[name].double(), ref[name], 3e-2, name)

@@ -107,3 +107,20 @@ def test_triton_padded_sample_equals_sample_alone():
                            backend="triton")
         _assert_close(batch.relevance[i, :n], alone.relevance[0], 1e-10)
         assert torch.equal(batch.relevance[i, n:], torch.zeros_like(batch.relevance[i, n:]))
+
+
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_bf16_no_worse_than_reference(name):
+    """bfloat16 models: the kernels (fp32 accumulation) stay as close to the float32 explanation as the reference
+    path in bfloat16 does (random tiny models are ill-conditioned in bf16, so the bound is relative to it)."""
+    make_model, make_inputs = TRITON_CASES[name]
+    ref = tl.explain(make_model(torch.float32), make_inputs(torch.float32), 1)
+    model, inputs = make_model(torch.bfloat16), make_inputs(torch.bfloat16)
+    torch_bf16 = tl.explain(model, inputs, 1)
+    triton_bf16 = tl.explain(model, inputs, 1, backend="triton")
+    assert triton_bf16.relevance.dtype == torch.bfloat16
+
+    def err(e):
+        return ((e.relevance.float() - ref.relevance).abs().amax(-1) / ref.relevance.abs().amax(-1)).max()
+
+    assert err(triton_bf16) <= 2 * err(torch_bf16) + 0.02, (err(triton_bf16), err(torch_bf16))

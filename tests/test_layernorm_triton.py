@@ -75,3 +75,15 @@ def test_dispatch_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1 is not set"):
         layernorm_relevance(**args, backend="triton")
+
+
+@pytest.mark.parametrize("variant", ["pre_ln_split", "post_ln_split"])
+def test_kernel_bfloat16(variant, monkeypatch):
+    """bf16 in and out, fp32/fp64 inside: within bf16 rounding of the float64 reference of the same inputs."""
+    args = _args((2, 5, 37), torch.bfloat16, variant)
+    with nan_buffers(monkeypatch):
+        out = layernorm_relevance(**args, backend="triton")
+    ref = layernorm_relevance(**{k: (v.double() if torch.is_tensor(v) else v) for k, v in args.items()})
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all()
+        assert (a.double() - b).abs().max() <= 2e-2 * b.abs().max()

@@ -30,6 +30,7 @@ from transformer_lrp.ops import (
     select_relevance,
     z_add,
 )
+from transformer_lrp.ops.common import profiled
 
 Rules = Literal["method", "baseline"]
 _HALF = (torch.float16, torch.bfloat16)
@@ -213,6 +214,7 @@ class Plan:
     pooled_top: bool = False
 
 
+@profiled
 def forward(enc: EncoderSpec, emb: Embedded, plan: Plan) -> Trace:
     masked = None if emb.key_mask is None else ~emb.key_mask[:, None, None, :]
     x = emb.tokens
@@ -237,6 +239,7 @@ def forward(enc: EncoderSpec, emb: Embedded, plan: Plan) -> Trace:
     return trace
 
 
+@profiled
 def attention_gradients(trace: Trace, target: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
     """``∂y_t/∂A`` of the logit of each sample's target (per-sample: ``Σ_b y_{b,t_b}``; samples are independent)."""
     y = trace.logits.gather(1, target[:, None]).sum()

@@ -21,6 +21,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from torch.profiler import record_function
 
 from transformer_lrp import engine
 from transformer_lrp.adapters.spec import ACTIVATIONS, BlockSpec, Embedded, EncoderSpec
@@ -44,7 +45,7 @@ def run(enc: EncoderSpec, emb: Embedded, method: str, target, start_layer: int, 
     top_rows = sorted({branch.token for branch in enc.head})
     attend = partial(_attention, key_mask=key_mask, backend=backend)
     caches: dict[int, BlockCache] = {}
-    with torch.no_grad():
+    with torch.no_grad(), record_function("tlrp::forward"):
         x = emb.tokens
         for i, blk in enumerate(enc.blocks):
             rows = top_rows if i == depth - 1 else None
@@ -54,7 +55,7 @@ def run(enc: EncoderSpec, emb: Embedded, method: str, target, start_layer: int, 
     # The head: a few small layers, differentiated by autograd.
     trace = engine.Trace(logits=torch.empty(0), top_rows=top_rows)
     top = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), record_function("tlrp::head_gradient"):
         logits = engine.head_forward(enc, top, trace)
         t = check_target(logits, target)
         grad = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), top)[0]
@@ -73,7 +74,7 @@ def run(enc: EncoderSpec, emb: Embedded, method: str, target, start_layer: int, 
         for i in range(depth - 1, start_layer - 1, -1):
             grad, rel = block_backward(enc.blocks[i], caches.pop(i), grad, rel, key_mask, _MAP_MODE[method], agg,
                                        normalize_rows, through=i > start_layer, backend=backend)
-    return MethodOutput(agg.v, logits, t)
+    return MethodOutput(agg.v.to(emb.tokens.dtype), logits, t)
 
 
 def _attention(q, k, v, scale, key_mask, backend):

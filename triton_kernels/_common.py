@@ -14,3 +14,19 @@ def safe_div(a, b, eps):
     den = b + eps
     den = tl.where(den == 0.0, eps, den)
     return tl.where(b == 0.0, 0.0, a / den)
+
+
+@triton.jit
+def to_f64(x):
+    # via float32: a direct half → float64 conversion is not supported everywhere (the interpreter, some targets)
+    if x.dtype != tl.float64:
+        x = x.to(tl.float32).to(tl.float64)
+    return x
+
+
+@triton.jit
+def from_f64(x, dtype: tl.constexpr):
+    # float64 → the output dtype, through float32 when that is a half type (see ``to_f64``)
+    if dtype != tl.float64:
+        x = x.to(tl.float32).to(dtype)
+    return x

@@ -20,6 +20,8 @@ The backward recomputes ``P = exp(sc − lse)`` tile by tile and forms, with ``d
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -131,11 +133,10 @@ def _attn_bwd_kv_kernel(
     H, NQ, NK, HEAD_DIM, KTILES, scale, inv_heads,
     HAS_MASK: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_REL: tl.constexpr,
     MAP: tl.constexpr, ROLLOUT: tl.constexpr, WANT_MAP: tl.constexpr,
+    NEED_DP: tl.constexpr, NEED_RA: tl.constexpr,  # dO Vᵀ, and R_A, are needed (gradient / relevance / map)
     DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    NEED_DP: tl.constexpr = NEED_GRAD or (MAP != 0)
-    NEED_RA: tl.constexpr = NEED_REL or (MAP == 1)
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -213,11 +214,10 @@ def _attn_bwd_q_kernel(
     H, NQ, NK, HEAD_DIM, scale,
     HAS_MASK: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_REL: tl.constexpr,
     MAP: tl.constexpr, WANT_ROWSUM: tl.constexpr,
+    NEED_DP: tl.constexpr, NEED_RA: tl.constexpr,
     DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    NEED_DP: tl.constexpr = NEED_GRAD or WANT_ROWSUM
-    NEED_RA: tl.constexpr = NEED_REL or (WANT_ROWSUM and MAP == 1)
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -277,6 +277,14 @@ _MM_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat
               torch.float16: tl.float16}
 
 
+def _mm_dtype(t: torch.Tensor):
+    """Operand dtype of the products: the input's (bf16/fp16 tensor cores), but float32 under the interpreter,
+    whose ``tl.dot`` has no half-precision path (numpy)."""
+    if t.dtype in (torch.bfloat16, torch.float16) and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return tl.float32
+    return _MM_DTYPES[t.dtype]
+
+
 def _precision(t: torch.Tensor) -> str:
     # float32 inputs follow torch's TF32 switch for matmuls, as the reference path's GEMMs do
     if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
@@ -284,11 +292,13 @@ def _precision(t: torch.Tensor) -> str:
     return "ieee"
 
 
-def _blocks(nq: int, nk: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+def _blocks(nq: int, nk: int, head_dim: int, dtype: torch.dtype, owned: int = 64) -> tuple[int, int, int]:
+    """Tile sizes ``(BLOCK_M, BLOCK_N, BLOCK_D)``: at least 16 (``tl.dot``), at most 64 (32 in float64 or for wide
+    heads); ``owned`` caps the tile a backward program owns (it keeps four ``[tile, d]`` accumulators)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     big = 32 if dtype == torch.float64 or block_d > 64 else 64
     block_m = min(big, max(16, triton.next_power_of_2(nq)))
-    block_n = min(big, max(16, triton.next_power_of_2(nk)))
+    block_n = min(big, owned, max(16, triton.next_power_of_2(nk)))
     return block_m, block_n, block_d
 
 
@@ -323,7 +333,7 @@ def attention_fwd(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         h, nq, nk, d, float(scale),
-        HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_MM_DTYPES[q.dtype],
+        HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_mm_dtype(q),
         PREC=_precision(q),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
     )
@@ -359,8 +369,7 @@ def attention_bwd(
     keep = _keep(key_mask, q)
     dt, prec = _compute_dtype(q), _precision(q)
     common = dict(HAS_MASK=key_mask is not None, MASK_ADD=mask_add and need_rel, NEED_GRAD=need_grad,
-                  NEED_REL=need_rel, MAP=mode, DT=dt, MM=_MM_DTYPES[q.dtype], PREC=prec,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+                  NEED_REL=need_rel, MAP=mode, DT=dt, MM=_mm_dtype(q), PREC=prec, BLOCK_D=bd)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), *do_strides, *hs_strides)
     result: dict[str, torch.Tensor] = {}
@@ -372,7 +381,8 @@ def attention_bwd(
         rowsum = torch.empty(b, h, nq, dtype=acc, device=q.device) if want_rowsum else dummy
         _attn_bwd_q_kernel[(triton.cdiv(nq, bm), b * h)](
             q, k, v, do, half_s, lse, delta, keep, dq, rq, rowsum, *strides, h, nq, nk, d, float(scale),
-            WANT_ROWSUM=want_rowsum, **common)
+            WANT_ROWSUM=want_rowsum, NEED_DP=need_grad or want_rowsum, BLOCK_M=bm, BLOCK_N=bn,
+            NEED_RA=need_rel or (want_rowsum and mode == MAP_TA), **common)
         if need_grad:
             result["grad_query"] = dq
         if need_rel:
@@ -385,7 +395,8 @@ def attention_bwd(
         result["rollout_rows"] = weights
         weights = (weights / h).contiguous()
 
-    ktiles = triton.cdiv(nk, bn)
+    bn_kv = _blocks(nq, nk, d, q.dtype, owned=32)[1]
+    ktiles = triton.cdiv(nk, bn_kv)
     dk = torch.empty(b, h, nk, d, dtype=q.dtype, device=q.device) if need_grad else dummy
     dv = torch.empty_like(dk) if need_grad else dummy
     rk = torch.empty(b, h, nk, d, dtype=q.dtype, device=q.device) if need_rel else dummy
@@ -397,7 +408,9 @@ def attention_bwd(
         _attn_bwd_kv_kernel[(ktiles, b * h)](
             q, k, v, do, half_s, lse, delta, keep, weights, dk, dv, rk, rv, roll, sums, mapout, *strides,
             h, nq, nk, d, ktiles, float(scale), 1.0 / h,
-            ROLLOUT=rollout is not None and mode != MAP_NONE, WANT_MAP=want_map and mode != MAP_NONE, **common)
+            ROLLOUT=rollout is not None and mode != MAP_NONE, WANT_MAP=want_map and mode != MAP_NONE,
+            NEED_DP=need_grad or mode != MAP_NONE, NEED_RA=need_rel or mode == MAP_TA, BLOCK_M=bm, BLOCK_N=bn_kv,
+            **common)
     if need_grad:
         result["grad_key"], result["grad_value"] = dk, dv
     if need_rel:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from transformer_lrp.triton_kernels._common import EPS_C, safe_div
+from transformer_lrp.triton_kernels._common import EPS_C, from_f64, safe_div
 
 from transformer_lrp.ops.residual import normalized_add_factors
 
@@ -85,10 +85,11 @@ def _ln_rel_pass2_kernel(
     b_u = tl.load(U + off, mask=m_d, other=0.0).to(DT)
     b_v = tl.load(V + off, mask=m_d, other=0.0).to(DT)
     b_z = b_u + b_v
-    b_s = safe_div(_relevance_z(b_z, R_LN, R_RES, off, m_d, HAS_RRES, DT).to(tl.float64), b_z.to(tl.float64), EPS_C)
+    b_r = _relevance_z(b_z, R_LN, R_RES, off, m_d, HAS_RRES, DT)
+    b_s = safe_div(b_r.to(tl.float64), b_z.to(tl.float64), EPS_C)
     i_b = i_m // ROWS
-    tl.store(RU + off, (b_u.to(tl.float64) * b_s * tl.load(FU + i_b)).to(RU.dtype.element_ty), mask=m_d)
-    tl.store(RV + off, (b_v.to(tl.float64) * b_s * tl.load(FV + i_b)).to(RV.dtype.element_ty), mask=m_d)
+    tl.store(RU + off, from_f64(b_u.to(tl.float64) * b_s * tl.load(FU + i_b), RU.dtype.element_ty), mask=m_d)
+    tl.store(RV + off, from_f64(b_v.to(tl.float64) * b_s * tl.load(FV + i_b), RV.dtype.element_ty), mask=m_d)
 
 
 def layernorm_relevance_bwd(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from transformer_lrp.triton_kernels._common import EPS_C, safe_div
+from transformer_lrp.triton_kernels._common import EPS_C, from_f64, safe_div, to_f64
 
 from transformer_lrp.ops.residual import normalized_add_factors
 
@@ -38,9 +38,9 @@ def _normalized_add_sums_kernel(
     for step in range(STEPS):
         o_m = (i_c * STEPS + step) * BLOCK + tl.arange(0, BLOCK)
         m_m = o_m < M
-        b_r = tl.load(R + base + o_m, mask=m_m, other=0.0).to(tl.float64)
-        b_u = tl.load(U + base + o_m, mask=m_m, other=0.0).to(tl.float64)
-        b_v = tl.load(V + base + o_m, mask=m_m, other=0.0).to(tl.float64)
+        b_r = to_f64(tl.load(R + base + o_m, mask=m_m, other=0.0))
+        b_u = to_f64(tl.load(U + base + o_m, mask=m_m, other=0.0))
+        b_v = to_f64(tl.load(V + base + o_m, mask=m_m, other=0.0))
         b_s = safe_div(b_r, b_u + b_v, EPS_C)
         acc_u += b_u * b_s
         acc_v += b_v * b_s
@@ -68,14 +68,14 @@ def _normalized_add_scale_kernel(
     o_m = i_m * BLOCK + tl.arange(0, BLOCK)
     m_m = o_m < M
     base = i_b * M
-    b_r = tl.load(R + base + o_m, mask=m_m, other=0.0).to(tl.float64)
-    b_u = tl.load(U + base + o_m, mask=m_m, other=0.0).to(tl.float64)
-    b_v = tl.load(V + base + o_m, mask=m_m, other=0.0).to(tl.float64)
+    b_r = to_f64(tl.load(R + base + o_m, mask=m_m, other=0.0))
+    b_u = to_f64(tl.load(U + base + o_m, mask=m_m, other=0.0))
+    b_v = to_f64(tl.load(V + base + o_m, mask=m_m, other=0.0))
     b_s = safe_div(b_r, b_u + b_v, EPS_C)
     f_u = tl.load(FU + i_b)
     f_v = tl.load(FV + i_b)
-    tl.store(RU + base + o_m, (b_u * b_s * f_u).to(RU.dtype.element_ty), mask=m_m)
-    tl.store(RV + base + o_m, (b_v * b_s * f_v).to(RV.dtype.element_ty), mask=m_m)
+    tl.store(RU + base + o_m, from_f64(b_u * b_s * f_u, RU.dtype.element_ty), mask=m_m)
+    tl.store(RV + base + o_m, from_f64(b_v * b_s * f_v, RV.dtype.element_ty), mask=m_m)
 
 
 def normalized_add_bwd(

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from transformer_lrp._backend import op_backend
-from transformer_lrp.ops.common import EPS, safe_divide
+from transformer_lrp.ops.common import EPS, profiled, safe_divide
 
 
+@profiled
 def attention_av_relevance(
     attn: torch.Tensor, value: torch.Tensor, out: torch.Tensor, relevance: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +29,7 @@ def attention_av_relevance(
     return r_attn, r_value
 
 
+@profiled
 def attention_qk_relevance(
     query: torch.Tensor, key: torch.Tensor, scores: torch.Tensor, relevance: torch.Tensor, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +73,7 @@ def attention_forward_ref(
     return attn @ value, lse
 
 
+@profiled
 def attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None, backend: str | None = "torch",
@@ -123,8 +126,11 @@ def attention_relevance_ref(
             r_query, r_key = attention_qk_relevance(query, key, scores, r_scores, scale)
             result.update(rel_query=r_query, rel_key=r_key, rel_value=r_value)
     if map_mode is not None:
-        e = (grad_attn * (r_attn if map_mode == "transformer_attribution" else attn)).clamp(min=0).mean(dim=1)
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # the map accumulates in fp32+
+        other = r_attn if map_mode == "transformer_attribution" else attn
+        e = (grad_attn.to(acc) * other.to(acc)).clamp(min=0).mean(dim=1)
         if rollout is not None:
+            rollout = rollout.to(acc)
             w = rollout / (1 + e.sum(dim=-1)) if normalize_rows else rollout
             result["rollout_rows"] = w
             result["rollout_product"] = (w.unsqueeze(1) @ e).squeeze(1)
@@ -133,6 +139,7 @@ def attention_relevance_ref(
     return result
 
 
+@profiled
 def attention_relevance(
     query: torch.Tensor,
     key: torch.Tensor,

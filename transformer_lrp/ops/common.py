@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # The reference adds this to every denominator (not a sign-aware epsilon).
@@ -19,3 +21,16 @@ def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> torch.Ten
     den = b + eps
     den.masked_fill_(den == 0, eps)
     return torch.div(a, den).masked_fill_(b == 0, 0)
+
+
+def profiled(fn):
+    """Label every call of a relevance op as ``tlrp::<name>`` for ``torch.profiler`` (the per-op breakdown of
+    ``bench/bench_explain.py --profile``); costs a microsecond when no profiler runs."""
+    label = f"tlrp::{fn.__name__}"
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from transformer_lrp._backend import op_backend
+from transformer_lrp.ops.common import profiled
 from transformer_lrp.ops.residual import clone_relevance, normalized_add_ref
 
 KERNELS = {"layernorm_relevance": ("triton",)}
@@ -45,6 +46,7 @@ def layernorm_relevance_ref(
     return grad, r_u, r_v
 
 
+@profiled
 def layernorm_relevance(
     u: torch.Tensor,
     v: torch.Tensor | None,
@@ -79,3 +81,29 @@ def layernorm_relevance(
                                        rel_residual)
     return layernorm_relevance_ref(u, v, weight, bias, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
                                    rel_residual)
+
+
+class AddLayerNormLRPFunction(torch.autograd.Function):
+    """``LN(u + v)`` (a post-LN residual) whose backward returns ``(R_u, R_v)`` for an incoming relevance of the
+    output: the LayerNorm passes relevance unchanged (SPEC §2.7), the add splits it by the normalized add."""
+
+    @staticmethod
+    def forward(ctx, u, v, weight=None, bias=None, ln_eps=1e-5, backend=None):
+        ctx.save_for_backward(u, v)
+        ctx.backend = backend
+        return F.layer_norm(u + v, (u.shape[-1],), weight, bias, ln_eps)
+
+    @staticmethod
+    def backward(ctx, relevance):
+        from transformer_lrp.ops.residual import normalized_add
+
+        u, v = ctx.saved_tensors
+        r_u, r_v = normalized_add(relevance, u.expand_as(relevance), v.expand_as(relevance), ctx.backend)
+        return r_u, r_v, None, None, None, None
+
+
+def lrp_add_layernorm(u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, ln_eps: float = 1e-5,
+                      backend: str | None = None) -> torch.Tensor:
+    """Functional form of ``AddLayerNormLRPFunction``."""
+    return AddLayerNormLRPFunction.apply(u, v, weight, bias, ln_eps, backend)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from transformer_lrp._backend import op_backend
-from transformer_lrp.ops.common import EPS, safe_divide
+from transformer_lrp.ops.common import EPS, profiled, safe_divide
 
 # Backends with a kernel, per op of this module.
 KERNELS = {"linear_alpha1beta0": ("triton",)}
@@ -42,6 +42,7 @@ def linear_alpha1beta0_ref(x: torch.Tensor, weight: torch.Tensor, relevance: tor
     return x_pos * (s @ w_pos) + x_neg * (s @ w_neg)
 
 
+@profiled
 def linear_alpha1beta0(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -69,6 +70,7 @@ def linear_alpha1beta0(
     return _alpha1beta0(x, weight, relevance, None, output, bias, abs_weight, backend)[0]
 
 
+@profiled
 def linear_alpha1beta0_with_grad(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -120,6 +122,7 @@ def _alpha1beta0(x, weight, relevance, grad_output, output, bias, abs_weight, ba
     return out.addcmul_(abs_x, half_s @ abs_weight).view(shape_in), grad_x
 
 
+@profiled
 def linear_alpha1beta0_separate(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
     r"""The baselines' α1β0 (``layers_lrp.py``, SPEC §2.4): each positive group normalized on its own.
 
@@ -131,3 +134,27 @@ def linear_alpha1beta0_separate(x: torch.Tensor, weight: torch.Tensor, relevance
     s1 = safe_divide(relevance, F.linear(x_pos, w_pos))
     s2 = safe_divide(relevance, F.linear(x_neg, w_neg))
     return x_pos * (s1 @ w_pos) + x_neg * (s2 @ w_neg)
+
+
+class LinearLRPFunction(torch.autograd.Function):
+    """``x Wᵀ + b`` whose backward returns the α1β0 relevance of ``x`` for an incoming relevance of the output
+    (LRP as a modified gradient; the weight and bias take none)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias=None, backend=None):
+        out = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, out)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, weight, bias, out = ctx.saved_tensors
+        r_x = linear_alpha1beta0(x, weight, relevance, output=out, bias=bias, backend=ctx.backend)
+        return r_x, None, None, None
+
+
+def lrp_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """Functional form of ``LinearLRPFunction``: ``F.linear`` forward, α1β0 relevance backward."""
+    return LinearLRPFunction.apply(x, weight, bias, backend)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from transformer_lrp._backend import op_backend
-from transformer_lrp.ops.common import safe_divide
+from transformer_lrp.ops.common import profiled, safe_divide
 
 # Backends with a kernel, per op of this module.
 KERNELS = {"normalized_add": ("triton",)}
@@ -17,6 +17,7 @@ def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=tuple(range(1, t.dim())), keepdim=True)
 
 
+@profiled
 def z_add(
     relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -29,6 +30,7 @@ def z_add(
     return u * s, (None if v is None else v * s)
 
 
+@profiled
 def normalized_add(
     relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None, backend: str | None = "torch"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -77,6 +79,7 @@ def normalized_add_factors(s_u: torch.Tensor, s_v: torch.Tensor, s: torch.Tensor
     return factor_u, factor_v
 
 
+@profiled
 def clone_relevance(x: torch.Tensor, *relevances: torch.Tensor) -> torch.Tensor:
     r"""Backward of a k-way copy: ``R_x = x ⊙ Σ_k safe_divide(R_k, x)`` (≈ ``Σ R_k``; 0 where ``x == 0``)."""
     total = relevances[0]
@@ -85,6 +88,7 @@ def clone_relevance(x: torch.Tensor, *relevances: torch.Tensor) -> torch.Tensor:
     return x * safe_divide(total, x)
 
 
+@profiled
 def select_relevance(tokens: torch.Tensor, index: int, relevance: torch.Tensor) -> torch.Tensor:
     r"""G rule of ``tokens[:, index]`` (the CLS pooling): relevance lands on that token only.
 
