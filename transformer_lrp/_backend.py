@@ -1,10 +1,13 @@
 """Backend choice: ``backend="torch" | "triton" | "cuda" | None`` per call, or the ``TLRP_BACKEND`` variable.
 
-``torch`` is the reference path and runs everywhere (CPU/GPU, float32/float64). ``triton`` runs the sweep's ops
-that have a Triton kernel (the method's normalized add and α1β0 Linear) through it and the others through the
-reference; it needs CUDA tensors or ``TRITON_INTERPRET=1``. No CUDA C++ op is built yet. ``None``/``auto`` picks
-``torch`` until the Triton kernels have been validated on a GPU. An explicit backend that cannot run raises
-``NotImplementedError`` naming every reason. No device is queried at import.
+``torch`` is the reference path and runs everywhere (CPU/GPU, float64 included). ``triton`` runs transformer
+attribution and GAE through the fused sweep (``fused.py``: flash-style attention relevance, LayerNorm + residual,
+α1β0 Linear kernels) and the other methods through the engine with the Triton ops their rules have; it needs CUDA
+tensors or ``TRITON_INTERPRET=1``. ``cuda`` is the CUDA C++ extension (``csrc/``, ``torch.ops.tlrp``): it holds
+the normalized add only, so it serves single ops (``ops.normalized_add(backend="cuda")``), not a whole
+explanation. ``None``/``auto`` picks ``torch`` for ``explain`` until the kernels have been validated on a GPU
+(per op: ``triton`` where it can run). An explicit backend that cannot run raises ``NotImplementedError`` naming
+every reason. No device is queried at import.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def not_supported_reasons(backend: str, tensors: tuple = ()) -> list[str]:
     if backend == "triton":
         return _triton_reasons(tensors)
     if backend == "cuda":
-        return ["the CUDA C++ relevance ops are not part of this build"]
+        return ["the CUDA C++ extension holds only the normalized add (ops.normalized_add(backend='cuda')); "
+                "explain the whole model with backend='triton' or 'torch'"]
     return [f"unknown backend {backend!r}; choose one of {BACKENDS} or None"]
 
 
@@ -55,6 +59,37 @@ def _triton_reasons(tensors: tuple) -> list[str]:
     return reasons
 
 
+def _cuda_reasons(tensors: tuple) -> list[str]:
+    reasons = []
+    try:
+        load_cuda_extension()
+    except ImportError as exc:
+        reasons.append(f"the CUDA C++ extension transformer_lrp._C is not built or not importable ({exc}); "
+                       "install with TLRP_FORCE_CUDA_BUILD=1 (setup.py)")
+    if any(not t.is_cuda for t in tensors):
+        reasons.append("inputs are not CUDA tensors")
+    return reasons
+
+
+_EXTENSION_LOADED = False
+
+
+def load_cuda_extension() -> None:
+    """Import ``transformer_lrp._C`` (registers ``torch.ops.tlrp.*``) and its fake kernels for torch.compile."""
+    global _EXTENSION_LOADED
+    if _EXTENSION_LOADED:
+        return
+    import torch
+
+    import transformer_lrp._C  # noqa: F401
+
+    @torch.library.register_fake("tlrp::normalized_add")
+    def _(relevance, u, v):
+        return torch.empty_like(relevance), torch.empty_like(relevance)
+
+    _EXTENSION_LOADED = True
+
+
 def op_backend(op: str, kernels: dict[str, tuple[str, ...]], tensors: tuple, requested: str | None) -> str:
     """Backend for one call of a single op. ``kernels[op]`` lists the backends with a kernel for it.
 
@@ -74,6 +109,8 @@ def op_backend(op: str, kernels: dict[str, tuple[str, ...]], tensors: tuple, req
             reasons.append(f"no {choice} kernel for {op}")
         if choice == "triton":
             reasons += _triton_reasons(tensors)
+        if choice == "cuda":
+            reasons += _cuda_reasons(tensors)
     if reasons:
         raise NotImplementedError(f"{op}: backend {choice!r} cannot run: " + "; ".join(reasons))
     return choice

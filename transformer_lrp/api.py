@@ -52,9 +52,11 @@ def explain(
         cls_relevance: text only, the value at the CLS position: ``"keep"`` (the row's own entry), ``"zero"``
             (the original baselines) or ``"min"`` (the row's minimum, the original BERT transformer attribution).
             Default: ``"keep"``.
-        backend: ``"torch"`` (the reference), ``"triton"`` (the Triton kernels where one exists: the method's
-            normalized add and α1β0 Linear; needs CUDA tensors or ``TRITON_INTERPRET=1``), ``"cuda"`` (not built
-            yet: raises) or ``None`` (env ``TLRP_BACKEND``, else ``torch``).
+        backend: ``"torch"`` (the reference), ``"triton"`` (transformer attribution and GAE through the fused
+            sweep: flash-style attention relevance, LayerNorm + residual and α1β0 Linear kernels, no attention
+            matrix in memory; other methods through the reference with the Triton ops their rules have; needs CUDA
+            tensors or ``TRITON_INTERPRET=1``), ``"cuda"`` (the CUDA C++ extension holds only the normalized add:
+            raises) or ``None`` (env ``TLRP_BACKEND``, else ``torch``). Default: ``None``.
 
     Returns:
         An :class:`Explanation` with ``relevance`` `[B, T]`, ``target`` `[B]` and ``logits`` `[B, C]`.

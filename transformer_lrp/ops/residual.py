@@ -10,7 +10,7 @@ from transformer_lrp._backend import op_backend
 from transformer_lrp.ops.common import profiled, safe_divide
 
 # Backends with a kernel, per op of this module.
-KERNELS = {"normalized_add": ("triton",)}
+KERNELS = {"normalized_add": ("triton", "cuda")}
 
 
 def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
@@ -42,17 +42,22 @@ def normalized_add(
     Args:
         relevance: `[B, ...]`, relevance of ``u + v``.
         u, v: the two summands, `[B, ...]` (``v`` may broadcast, or be ``None`` for zero).
+        backend: ``"torch"`` (this reference, the default), ``"triton"`` (two fused passes,
+            ``triton_kernels/residual_lrp.py``), ``"cuda"`` (the same passes in CUDA C++, ``csrc/normalized_add.cu``;
+            needs the built extension) or ``None`` (automatic). The kernels need ``u``, ``v`` of ``relevance``'s
+            shape.
 
     Returns:
         ``(R_u, R_v)``, each with ``relevance``'s shape (``R_v`` is ``None`` when ``v`` is).
-        backend: ``"torch"`` (this reference, the default), ``"triton"`` (two fused passes,
-            ``triton_kernels/residual_lrp.py``; needs ``u``, ``v`` of ``relevance``'s shape) or ``None`` (automatic).
     """
     if backend != "torch" and v is not None and u.shape == v.shape == relevance.shape:
-        if op_backend("normalized_add", KERNELS, (relevance, u, v), backend) == "triton":
+        chosen = op_backend("normalized_add", KERNELS, (relevance, u, v), backend)
+        if chosen == "triton":
             from transformer_lrp.triton_kernels.residual_lrp import normalized_add_bwd
 
             return normalized_add_bwd(relevance, u, v)
+        if chosen == "cuda":  # csrc/normalized_add.cu, loaded by op_backend
+            return tuple(torch.ops.tlrp.normalized_add(relevance, u, v))
     elif backend not in ("torch", None):
         raise NotImplementedError(f"normalized_add: backend {backend!r} needs u and v of the relevance's shape")
     return normalized_add_ref(relevance, u, v)

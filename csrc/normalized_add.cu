@@ -1,0 +1,153 @@
+// Normalized add (SPEC §2.8) in CUDA C++: the same two passes as triton_kernels/residual_lrp.py.
+//
+// Pass 1: grid (chunks, B); each block reduces one chunk of one sample to its partial sums of u·S, v·S and R
+// (S = safe_divide(R, u + v)), in double, written to partial[b][chunk][0..2]. The host adds the chunks and forms
+// the two per-sample factors with the reference's safe_divide. Pass 2 recomputes S and writes R_u and R_v.
+// Includes only c10's CUDA headers (no cuBLAS), so it compiles on a machine with nvcc and no GPU.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <tuple>
+
+namespace tlrp {
+namespace {
+
+constexpr double kEps = 1e-9;  // the reference's denominator offset
+constexpr int kThreads = 256;
+
+// safe_divide of the reference: a / (b + eps), eps where that sum is 0, and 0 where b == 0
+__device__ __forceinline__ double safe_div(double a, double b) {
+  if (b == 0.0) return 0.0;
+  double den = b + kEps;
+  if (den == 0.0) den = kEps;
+  return a / den;
+}
+
+template <typename T>
+__device__ __forceinline__ T from_double(double x) {
+  return static_cast<T>(x);
+}
+template <>
+__device__ __forceinline__ c10::Half from_double<c10::Half>(double x) {
+  return c10::Half(static_cast<float>(x));
+}
+template <>
+__device__ __forceinline__ c10::BFloat16 from_double<c10::BFloat16>(double x) {
+  return c10::BFloat16(static_cast<float>(x));
+}
+
+// half types widen through float; double stays exact
+template <typename scalar_t>
+__device__ __forceinline__ double load_double(const scalar_t* p, int64_t i) {
+  return static_cast<double>(static_cast<float>(p[i]));
+}
+template <>
+__device__ __forceinline__ double load_double<double>(const double* p, int64_t i) {
+  return p[i];
+}
+
+template <typename scalar_t>
+__global__ void partial_sums_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ u,
+                                    const scalar_t* __restrict__ v, double* __restrict__ partial,
+                                    int64_t per_sample, int64_t chunk_len) {
+  const int64_t b = blockIdx.y;
+  const int64_t base = b * per_sample;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * chunk_len;
+  const int64_t end = start + chunk_len < per_sample ? start + chunk_len : per_sample;
+  double su = 0.0, sv = 0.0, sr = 0.0;
+  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+    const double rr = load_double(r, base + i), uu = load_double(u, base + i), vv = load_double(v, base + i);
+    const double s = safe_div(rr, uu + vv);
+    su += uu * s;
+    sv += vv * s;
+    sr += rr;
+  }
+  __shared__ double shared[3][kThreads];
+  shared[0][threadIdx.x] = su;
+  shared[1][threadIdx.x] = sv;
+  shared[2][threadIdx.x] = sr;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      for (int k = 0; k < 3; ++k) shared[k][threadIdx.x] += shared[k][threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    double* out = partial + (b * gridDim.x + blockIdx.x) * 3;
+    out[0] = shared[0][0];
+    out[1] = shared[1][0];
+    out[2] = shared[2][0];
+  }
+}
+
+template <typename scalar_t>
+__global__ void scale_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ u,
+                             const scalar_t* __restrict__ v, const double* __restrict__ factor_u,
+                             const double* __restrict__ factor_v, scalar_t* __restrict__ r_u,
+                             scalar_t* __restrict__ r_v, int64_t per_sample, int64_t total) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / per_sample;
+    const double uu = load_double(u, i), vv = load_double(v, i);
+    const double s = safe_div(load_double(r, i), uu + vv);
+    r_u[i] = from_double<scalar_t>(uu * s * factor_u[b]);
+    r_v[i] = from_double<scalar_t>(vv * s * factor_v[b]);
+  }
+}
+
+at::Tensor safe_divide(const at::Tensor& a, const at::Tensor& b) {
+  auto den = b + kEps;
+  den = at::where(den == 0, at::full_like(den, kEps), den);
+  return at::where(b == 0, at::zeros_like(a), a / den);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> normalized_add_cuda(const at::Tensor& relevance, const at::Tensor& u,
+                                                       const at::Tensor& v) {
+  TORCH_CHECK(relevance.is_cuda() && u.is_cuda() && v.is_cuda(),
+              "tlrp::normalized_add (cuda): relevance, u and v must be CUDA tensors");
+  TORCH_CHECK(u.sizes() == relevance.sizes() && v.sizes() == relevance.sizes(),
+              "tlrp::normalized_add (cuda): relevance, u and v must have one shape, got ", relevance.sizes(), ", ",
+              u.sizes(), ", ", v.sizes());
+  TORCH_CHECK(u.scalar_type() == relevance.scalar_type() && v.scalar_type() == relevance.scalar_type(),
+              "tlrp::normalized_add (cuda): relevance, u and v must have one dtype");
+  TORCH_CHECK(relevance.dim() >= 1, "tlrp::normalized_add (cuda): needs a batch dimension");
+  const c10::cuda::CUDAGuard guard(relevance.device());
+  const auto r = relevance.contiguous(), uc = u.contiguous(), vc = v.contiguous();
+  const int64_t batch = r.size(0);
+  auto r_u = at::empty_like(r), r_v = at::empty_like(r);
+  if (r.numel() == 0) return {r_u, r_v};
+  const int64_t per_sample = r.numel() / batch;
+  const int64_t chunks = std::min<int64_t>(1024, std::max<int64_t>(1, per_sample / (kThreads * 16)));
+  const int64_t chunk_len = (per_sample + chunks - 1) / chunks;
+  auto partial = at::empty({batch, chunks, 3}, r.options().dtype(at::kDouble));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "normalized_add_sums", [&] {
+    partial_sums_kernel<scalar_t><<<dim3(chunks, batch), kThreads, 0, stream>>>(
+        r.data_ptr<scalar_t>(), uc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), partial.data_ptr<double>(),
+        per_sample, chunk_len);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto sums = partial.sum(1);  // [B, 3]
+  const auto s_u = sums.select(1, 0), s_v = sums.select(1, 1), s = sums.select(1, 2);
+  const auto total = s_u.abs() + s_v.abs();
+  const auto factor_u = safe_divide(safe_divide(s_u.abs(), total) * s, s_u).contiguous();
+  const auto factor_v = safe_divide(safe_divide(s_v.abs(), total) * s, s_v).contiguous();
+  const int64_t n = r.numel();
+  const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "normalized_add_scale", [&] {
+    scale_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        r.data_ptr<scalar_t>(), uc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), factor_u.data_ptr<double>(),
+        factor_v.data_ptr<double>(), r_u.data_ptr<scalar_t>(), r_v.data_ptr<scalar_t>(), per_sample, n);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {r_u.view(relevance.sizes()), r_v.view(relevance.sizes())};
+}
+
+}  // namespace tlrp
