@@ -68,15 +68,18 @@ def test_forward_matches_reference(shape, masked, dtype, monkeypatch):
         dict(map_mode="transformer_attribution", mask_add=True, normalize_rows=False),
         dict(map_mode="transformer_attribution", mask_add=False, normalize_rows=True),
         dict(map_mode="gae", mask_add=False, normalize_rows=True),
+        dict(map_mode="rollout", mask_add=False, normalize_rows=True),
     ],
-    ids=["ta_maskadd", "ta_norm", "gae_norm"],
+    ids=["ta_maskadd", "ta_norm", "gae_norm", "rollout"],
 )
 def test_backward_matches_reference(shape, setting, dtype, monkeypatch):
     q, k, v, key_mask, d_o, r_o, roll = _inputs(shape, dtype, masked=True)
     o, lse = attention_forward(q, k, v, 0.37, key_mask, backend="torch")
     kw = dict(grad_out=d_o, rel_out=r_o, key_mask=key_mask, rollout=roll, want_map=True, **setting)
-    if setting["map_mode"] == "gae":
+    if setting["map_mode"] in ("gae", "rollout"):
         kw["rel_out"] = None
+    if setting["map_mode"] == "rollout":
+        kw["grad_out"] = None
     ref = attention_relevance(q, k, v, o, lse, 0.37, backend="torch", **kw)
     with nan_buffers(monkeypatch):
         out = attention_relevance(q, k, v, o, lse, 0.37, backend="triton", **kw)
@@ -168,7 +171,7 @@ def test_argument_and_dispatch_errors(monkeypatch):
     with pytest.raises(ValueError, match="need a map_mode"):
         attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, rollout=roll)
     with pytest.raises(ValueError, match="map_mode must be one of"):
-        attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, map_mode="rollout")
+        attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, map_mode="raw_attention")
     with pytest.raises(NotImplementedError, match="no cuda kernel for attention_relevance"):
         attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, backend="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -15,6 +15,8 @@ FAMILIES = {
     "timm_deit_distilled": (M.timm_deit_distilled, lambda: M.images(2)),
     "timm_layerscale_registers": (M.timm_dinov2_like, lambda: M.images(2, size=28)),
     "hf_vit": (M.hf_vit, lambda: M.images(2)),
+    "timm_quick_gelu_non_square": (lambda: M.timm_vit(img_size=(24, 40), act_layer="quick_gelu"),
+                                   lambda: torch.randn(2, 3, 24, 40, dtype=torch.float64)),
     "bert_types_padded": (M.hf_bert, lambda: M.text_batch(with_types=True)),
     "roberta": (M.hf_roberta, lambda: M.text_batch()),
     "distilbert_padded": (M.hf_distilbert, lambda: M.text_batch((9, 4))),
@@ -52,7 +54,10 @@ def _assert_close(out, ref, rel):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fused_sweep_with_reference_ops_equals_engine(family, method, setting):
     make_model, make_inputs = FAMILIES[family]
-    ref, out = _rows(make_model(), make_inputs(), method, SETTINGS[setting], "torch")
+    kw = SETTINGS[setting]
+    if method == "rollout":  # always row-normalized
+        kw = dict(kw, normalize_rows=True)
+    ref, out = _rows(make_model(), make_inputs(), method, kw, "torch")
     _assert_close(out, ref, 1e-12)
 
 
@@ -69,7 +74,7 @@ TRITON_CASES = {
 def test_triton_explain_equals_torch(name, method, setting, dtype):
     make_model, make_inputs = TRITON_CASES[name]
     model, inputs = make_model(dtype), make_inputs(dtype)
-    kw = SETTINGS[setting]
+    kw = SETTINGS[setting] if method != "rollout" else dict(start_layer=SETTINGS[setting]["start_layer"])
     ref = tl.explain(model, inputs, method=method, **kw)
     out = tl.explain(model, inputs, method=method, backend="triton", **kw)
     assert torch.equal(out.target, ref.target)

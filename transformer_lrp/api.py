@@ -52,8 +52,8 @@ def explain(
         cls_relevance: text only, the value at the CLS position: ``"keep"`` (the row's own entry), ``"zero"``
             (the original baselines) or ``"min"`` (the row's minimum, the original BERT transformer attribution).
             Default: ``"keep"``.
-        backend: ``"torch"`` (the reference), ``"triton"`` (transformer attribution and GAE through the fused
-            sweep: flash-style attention relevance, LayerNorm + residual and α1β0 Linear kernels, no attention
+        backend: ``"torch"`` (the reference), ``"triton"`` (transformer attribution, GAE and rollout through the
+            fused sweep: flash-style attention relevance, LayerNorm + residual and α1β0 Linear kernels, no attention
             matrix in memory; other methods through the reference with the Triton ops their rules have; needs CUDA
             tensors or ``TRITON_INTERPRET=1``), ``"cuda"`` (the CUDA C++ extension holds only the normalized add:
             raises) or ``None`` (env ``TLRP_BACKEND``, else ``torch``). Default: ``None``.

@@ -31,7 +31,7 @@ from transformer_lrp.ops.attention import attention_forward, attention_relevance
 from transformer_lrp.ops.layernorm import layernorm_relevance
 from transformer_lrp.ops.linear import linear_alpha1beta0_with_grad
 
-FUSED_METHODS = ("transformer_attribution", "gae")
+FUSED_METHODS = ("transformer_attribution", "gae", "rollout")
 _MAP_MODE = {"transformer_attribution": "transformer_attribution", "gae": "gae"}
 
 
@@ -39,6 +39,9 @@ def run(enc: EncoderSpec, emb: Embedded, method: str, target, start_layer: int, 
         check_target, backend: str):
     """``method`` in ``FUSED_METHODS``; returns ``methods.MethodOutput``."""
     from transformer_lrp.methods import MethodOutput, StreamingRollout, _onehot
+
+    if method == "rollout":
+        return _rollout(enc, emb, target, start_layer, check_target, backend)
 
     depth = enc.depth
     key_mask = emb.key_mask
@@ -78,7 +81,10 @@ def run(enc: EncoderSpec, emb: Embedded, method: str, target, start_layer: int, 
 
 
 def _attention(q, k, v, scale, key_mask, backend):
-    return attention_forward(q, k, v, scale, key_mask, backend=backend)
+    # O is written head-interleaved ([B, N, H, d] memory), so merging the heads afterwards is a view, not a copy
+    b, h, n, d = q.shape
+    buffer = q.new_empty(b, n, h, d).transpose(1, 2)
+    return attention_forward(q, k, v, scale, key_mask, out=buffer, backend=backend)
 
 
 def _linear(x, spec, rel, grad, out, backend):
@@ -89,8 +95,13 @@ def _linear(x, spec, rel, grad, out, backend):
                                         abs_weight=spec.abs_weight, backend=backend)
 
 
+_GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 def _activation_grad(name: str, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``grad ⊙ act'(x)`` (activations are identities for relevance, SPEC §2.7)."""
+    if name in _GELU_APPROXIMATE:  # the common case, without re-running the activation
+        return torch.ops.aten.gelu_backward(grad, x, approximate=_GELU_APPROXIMATE[name])
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         return torch.autograd.grad(ACTIVATIONS[name](leaf), leaf, grad)[0]
@@ -176,3 +187,33 @@ def block_backward(
                                           r_x_res, backend=backend)
         return d_x, r_x
     return d_h1 + d_x_res, (clone_relevance(c.x, r_h1, r_x_res) if has_rel else None)
+
+
+def _rollout(enc: EncoderSpec, emb: Embedded, target, start_layer: int, check_target, backend: str):
+    """Attention rollout (always row-normalized): the fused forward keeps each block's Q, K, V, O and ``lse``,
+    then each block's head-mean ``A`` is applied to the rollout vector inside the kernel, top-down."""
+    from transformer_lrp.methods import MethodOutput, StreamingRollout
+
+    depth = enc.depth
+    top_rows = sorted({branch.token for branch in enc.head})
+    attend = partial(_attention, key_mask=emb.key_mask, backend=backend)
+    kept = {}
+    with torch.no_grad(), record_function("tlrp::forward"):
+        x = emb.tokens
+        for i, blk in enumerate(enc.blocks):
+            x, _, c = engine.block_forward(blk, x, None, i >= start_layer, top_rows if i == depth - 1 else None,
+                                           fused_attention=attend)
+            if c is not None:  # only what the map needs
+                kept[i] = (c.q, c.k, c.v, c.out, c.lse, c.rows, blk.scale)
+        trace = engine.Trace(logits=torch.empty(0), top_rows=top_rows)
+        logits = engine.head_forward(enc, x, trace)
+        t = check_target(logits, target)
+        acc = torch.float64 if emb.tokens.dtype == torch.float64 else torch.float32
+        agg = StreamingRollout(emb.tokens.shape[0], emb.tokens.shape[1], True, emb.tokens.new_empty(0, dtype=acc))
+        for i in range(depth - 1, start_layer - 1, -1):
+            q, k, v, out, lse, rows, scale = kept.pop(i)
+            res = attention_relevance(q, k, v, out, lse, scale, key_mask=emb.key_mask, map_mode="rollout",
+                                      rollout=agg.v if rows is None else agg.v[:, rows], normalize_rows=True,
+                                      inputs=False, backend=backend)
+            agg.apply(res["rollout_rows"], res["rollout_product"], rows)
+    return MethodOutput(agg.v.to(emb.tokens.dtype), logits, t)

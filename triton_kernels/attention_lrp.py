@@ -31,8 +31,8 @@ from transformer_lrp.ops.common import safe_divide
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces inf − inf
 
-MAP_NONE, MAP_TA, MAP_GAE = 0, 1, 2
-MAP_MODES = {None: MAP_NONE, "transformer_attribution": MAP_TA, "gae": MAP_GAE}
+MAP_NONE, MAP_TA, MAP_GAE, MAP_ATTN = 0, 1, 2, 3
+MAP_MODES = {None: MAP_NONE, "transformer_attribution": MAP_TA, "gae": MAP_GAE, "rollout": MAP_ATTN}
 
 
 @triton.jit
@@ -117,9 +117,13 @@ def _score_factor(b_sc, b_ra, scale, MASK_ADD: tl.constexpr):
 
 @triton.jit
 def _map_tile(b_p, b_dp, b_ra, MAP: tl.constexpr):
+    # MAP 1: transformer attribution (∇A ⊙ R_A)⁺; MAP 2: GAE (∇A ⊙ A)⁺; MAP 3: rollout, A itself
+    b_e = b_p
     if MAP == 1:
-        return tl.maximum(b_dp * b_ra, 0.0)
-    return tl.maximum(b_dp * b_p, 0.0)
+        b_e = tl.maximum(b_dp * b_ra, 0.0)
+    if MAP == 2:
+        b_e = tl.maximum(b_dp * b_p, 0.0)
+    return b_e
 
 
 @triton.jit
@@ -381,7 +385,8 @@ def attention_bwd(
         rowsum = torch.empty(b, h, nq, dtype=acc, device=q.device) if want_rowsum else dummy
         _attn_bwd_q_kernel[(triton.cdiv(nq, bm), b * h)](
             q, k, v, do, half_s, lse, delta, keep, dq, rq, rowsum, *strides, h, nq, nk, d, float(scale),
-            WANT_ROWSUM=want_rowsum, NEED_DP=need_grad or want_rowsum, BLOCK_M=bm, BLOCK_N=bn,
+            WANT_ROWSUM=want_rowsum, NEED_DP=need_grad or (want_rowsum and mode != MAP_ATTN), BLOCK_M=bm,
+            BLOCK_N=bn,
             NEED_RA=need_rel or (want_rowsum and mode == MAP_TA), **common)
         if need_grad:
             result["grad_query"] = dq
@@ -409,7 +414,8 @@ def attention_bwd(
             q, k, v, do, half_s, lse, delta, keep, weights, dk, dv, rk, rv, roll, sums, mapout, *strides,
             h, nq, nk, d, ktiles, float(scale), 1.0 / h,
             ROLLOUT=rollout is not None and mode != MAP_NONE, WANT_MAP=want_map and mode != MAP_NONE,
-            NEED_DP=need_grad or mode != MAP_NONE, NEED_RA=need_rel or mode == MAP_TA, BLOCK_M=bm, BLOCK_N=bn_kv,
+            NEED_DP=need_grad or mode in (MAP_TA, MAP_GAE), NEED_RA=need_rel or mode == MAP_TA, BLOCK_M=bm,
+            BLOCK_N=bn_kv,
             **common)
     if need_grad:
         result["grad_key"], result["grad_value"] = dk, dv

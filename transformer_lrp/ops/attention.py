@@ -51,7 +51,7 @@ def attention_qk_relevance(
 # log-sum-exp instead of A; the backward gives gradient, relevance and the per-block map without ``[B, H, N, N]``.
 
 KERNELS = {"attention_forward": ("triton",), "attention_relevance": ("triton",)}
-MAP_MODES = (None, "transformer_attribution", "gae")
+MAP_MODES = (None, "transformer_attribution", "gae", "rollout")
 
 
 def _masked_scores(query, key, scale, key_mask):
@@ -127,8 +127,11 @@ def attention_relevance_ref(
             result.update(rel_query=r_query, rel_key=r_key, rel_value=r_value)
     if map_mode is not None:
         acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # the map accumulates in fp32+
-        other = r_attn if map_mode == "transformer_attribution" else attn
-        e = (grad_attn.to(acc) * other.to(acc)).clamp(min=0).mean(dim=1)
+        if map_mode == "rollout":
+            e = attn.to(acc).mean(dim=1)
+        else:
+            other = r_attn if map_mode == "transformer_attribution" else attn
+            e = (grad_attn.to(acc) * other.to(acc)).clamp(min=0).mean(dim=1)
         if rollout is not None:
             rollout = rollout.to(acc)
             w = rollout / (1 + e.sum(dim=-1)) if normalize_rows else rollout
@@ -170,7 +173,8 @@ def attention_relevance(
         key_mask: `[B, NK]` bool, True for real keys.
         mask_add: the model adds its padding mask to the scores (BERT): relevance passes that add by the
             method's normalized add (its per-sample factor scales ``rel_query`` and ``rel_key``).
-        map_mode: ``"transformer_attribution"``: ``E = (∇A ⊙ R_A)⁺``; ``"gae"``: ``E = (∇A ⊙ A)⁺``; ``None``: no map.
+        map_mode: ``"transformer_attribution"``: ``E = (∇A ⊙ R_A)⁺``; ``"gae"``: ``E = (∇A ⊙ A)⁺``; ``"rollout"``:
+            ``E = A`` (attention rollout, no gradient needed); ``None``: no map.
         rollout: `[B, NQ]` row vector ``v`` of the streaming rollout at this block's query rows: returns
             ``rollout_rows`` (``v``, divided by the row sums of ``I + Ē`` when ``normalize_rows``) and
             ``rollout_product`` `[B, NK]` = ``rollout_rows · Ē`` with ``Ē`` the head mean of ``E``.
@@ -183,7 +187,7 @@ def attention_relevance(
     """
     if map_mode not in MAP_MODES:
         raise ValueError(f"map_mode must be one of {MAP_MODES}, got {map_mode!r}")
-    if map_mode is not None and grad_out is None:
+    if map_mode in ("transformer_attribution", "gae") and grad_out is None:
         raise ValueError(f"map_mode={map_mode!r} needs grad_out (∇A = dO Vᵀ)")
     if map_mode == "transformer_attribution" and rel_out is None:
         raise ValueError("map_mode='transformer_attribution' needs rel_out (R_A)")
