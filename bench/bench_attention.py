@@ -14,7 +14,6 @@ the kernels' ``ieee`` products unless ``--tf32``) and a device-to-device copy.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_explain import machine, measure  # noqa: E402
+from bench_explain import machine, measure, save_rows  # noqa: E402
 
 from transformer_lrp.ops.attention import attention_forward, attention_relevance  # noqa: E402
 
@@ -96,14 +95,7 @@ def main() -> None:
                                  gbs=f"{moved / 1e9:.2f}", copy_ceiling_gbs=f"{bandwidth / 1e9:.2f}",
                                  quick=args.quick))
     if not args.no_save and rows:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-
+        save_rows(RESULTS, rows)
 
 if __name__ == "__main__":
     if not torch.cuda.is_available():

@@ -223,18 +223,23 @@ def main() -> None:
                 print(f"\n--- per-op breakdown: {name} {method} backend={backend} ---")
                 print(profile_breakdown(run, args.device))
     if not args.no_save and rows:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        if not new:  # a header from an older layout: keep it in its own file
-            with RESULTS.open() as f:
-                if f.readline().strip().split(",") != list(rows[0]):
-                    RESULTS.rename(RESULTS.with_suffix(".v1.csv"))
-                    new = True
-        with RESULTS.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        save_rows(RESULTS, rows)
+
+
+def save_rows(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path``; a file with another header is moved aside (``.v1.csv``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    if not new:
+        with path.open() as f:
+            if f.readline().strip().split(",") != list(rows[0]):
+                path.rename(path.with_suffix(".v1.csv"))
+                new = True
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 // Normalized add (SPEC §2.8) in CUDA C++: the same two passes as triton_kernels/residual_lrp.py.
 //
-// Pass 1: grid (chunks, B); each block reduces one chunk of one sample to its partial sums of u·S, v·S and R
+// Pass 1: grid (B, chunks); each block reduces one chunk of one sample to its partial sums of u·S, v·S and R
 // (S = safe_divide(R, u + v)), in double, written to partial[b][chunk][0..2]. The host adds the chunks and forms
 // the two per-sample factors with the reference's safe_divide. Pass 2 recomputes S and writes R_u and R_v.
 // Includes only c10's CUDA headers (no cuBLAS), so it compiles on a machine with nvcc and no GPU.
@@ -54,9 +54,9 @@ template <typename scalar_t>
 __global__ void partial_sums_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ u,
                                     const scalar_t* __restrict__ v, double* __restrict__ partial,
                                     int64_t per_sample, int64_t chunk_len) {
-  const int64_t b = blockIdx.y;
+  const int64_t b = blockIdx.x;  // the batch on x: y and z are limited to 65535
   const int64_t base = b * per_sample;
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * chunk_len;
+  const int64_t start = static_cast<int64_t>(blockIdx.y) * chunk_len;
   const int64_t end = start + chunk_len < per_sample ? start + chunk_len : per_sample;
   double su = 0.0, sv = 0.0, sr = 0.0;
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
@@ -78,7 +78,7 @@ __global__ void partial_sums_kernel(const scalar_t* __restrict__ r, const scalar
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    double* out = partial + (b * gridDim.x + blockIdx.x) * 3;
+    double* out = partial + (b * gridDim.y + blockIdx.y) * 3;
     out[0] = shared[0][0];
     out[1] = shared[1][0];
     out[2] = shared[2][0];
@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor> normalized_add_cuda(const at::Tensor& relevan
   auto partial = at::empty({batch, chunks, 3}, r.options().dtype(at::kDouble));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "normalized_add_sums", [&] {
-    partial_sums_kernel<scalar_t><<<dim3(chunks, batch), kThreads, 0, stream>>>(
+    partial_sums_kernel<scalar_t><<<dim3(batch, chunks), kThreads, 0, stream>>>(
         r.data_ptr<scalar_t>(), uc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), partial.data_ptr<double>(),
         per_sample, chunk_len);
   });

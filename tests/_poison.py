@@ -17,8 +17,15 @@ def nan_buffers(monkeypatch):
         out = real_empty_like(t, **kw)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
+    real_new_empty = torch.Tensor.new_empty
+
+    def new_empty(self, *args, **kw):
+        out = real_new_empty(self, *args, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ and dispatch."""
 
 import pytest
 import torch
+from _device import DEVICE
 from _poison import nan_buffers
 
 from transformer_lrp.ops.attention import (
@@ -15,8 +16,8 @@ from transformer_lrp.ops.attention import (
 )
 
 # (B, H, NQ, NK, d): square, odd head counts and head dims, one or two query rows (the pooled top block),
-# more keys than a tile
-SHAPES = [(2, 3, 9, 9, 12), (1, 1, 1, 20, 5), (2, 5, 2, 37, 16), (1, 2, 70, 70, 8)]
+# more keys than a tile, a model-sized head (64: the wide tiles, and the narrower float64 ones)
+SHAPES = [(2, 3, 9, 9, 12), (1, 1, 1, 20, 5), (2, 5, 2, 37, 16), (1, 2, 70, 70, 8), (1, 2, 67, 67, 64)]
 IDS = ["x".join(map(str, s)) for s in SHAPES]
 
 
@@ -25,14 +26,14 @@ def _inputs(shape, dtype, masked, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE, dtype)
 
     q, k, v = rnd(b, h, nq, d), rnd(b, h, nk, d), rnd(b, h, nk, d)
     key_mask = None
     if masked:
-        key_mask = torch.ones(b, nk, dtype=torch.bool)
+        key_mask = torch.ones(b, nk, dtype=torch.bool, device=DEVICE)
         key_mask[-1, max(1, nk // 2):] = False  # right padding of the last sample (key 0 stays real)
-    return q, k, v, key_mask, rnd(b, h, nq, d), rnd(b, h, nq, d), torch.rand(b, nq, generator=g).to(dtype)
+    return q, k, v, key_mask, rnd(b, h, nq, d), rnd(b, h, nq, d), torch.rand(b, nq, generator=g).to(DEVICE, dtype)
 
 
 def _close(out, ref, tol, name):
@@ -99,15 +100,19 @@ def test_backward_matches_reference(shape, setting, dtype, monkeypatch):
 
 
 def test_backward_map_only_and_gradient_only():
+    """The reduced launches (the lowest block's map only; the gradient only) equal the reference's."""
     q, k, v, key_mask, d_o, r_o, roll = _inputs(SHAPES[0], torch.float64, masked=True)
     o, lse = attention_forward(q, k, v, 0.5, key_mask)
-    for backend in ("torch", "triton"):
-        only_map = attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, rel_out=r_o, key_mask=key_mask,
-                                       map_mode="transformer_attribution", rollout=roll, inputs=False,
-                                       backend=backend)
-        assert set(only_map) == {"rollout_rows", "rollout_product"}
-        grads = attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, key_mask=key_mask, backend=backend)
-        assert set(grads) == {"grad_query", "grad_key", "grad_value"}
+    cases = [dict(grad_out=d_o, rel_out=r_o, map_mode="transformer_attribution", rollout=roll, inputs=False),
+             dict(grad_out=d_o, map_mode="gae", rollout=roll, normalize_rows=True, inputs=False),
+             dict(grad_out=d_o)]
+    expected_keys = [{"rollout_rows", "rollout_product"}] * 2 + [{"grad_query", "grad_key", "grad_value"}]
+    for kw, keys in zip(cases, expected_keys):
+        ref = attention_relevance(q, k, v, o, lse, 0.5, key_mask=key_mask, backend="torch", **kw)
+        out = attention_relevance(q, k, v, o, lse, 0.5, key_mask=key_mask, backend="triton", **kw)
+        assert set(ref) == set(out) == keys
+        for name in keys:
+            _close(out[name], ref[name], 1e-11, name)
 
 
 def test_reference_rules_by_hand():
@@ -195,3 +200,14 @@ def test_kernels_bfloat16(monkeypatch):
                                  for key, val in kw.items()})
     for name in ("grad_query", "grad_key", "grad_value", "rel_value", "rollout_rows", "rollout_product"):
         _close(out[name].double(), ref[name], 3e-2, name)
+
+
+def test_query_without_real_keys_attends_to_nothing():
+    """A sample whose keys are all padding (not reachable through explain: CLS is always real) gets O = 0 from the
+    kernel rather than 0/0 (the reference's finfo.min fill would give uniform attention instead)."""
+    q, k, v = _inputs(SHAPES[0], torch.float32, masked=False)[:3]
+    key_mask = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool, device=DEVICE)
+    key_mask[0] = False
+    o, lse = attention_forward(q, k, v, 0.5, key_mask, backend="triton")
+    assert torch.equal(o[0], torch.zeros_like(o[0]))
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()

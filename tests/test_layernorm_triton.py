@@ -4,6 +4,7 @@ reference, and the reference against autograd and the rules it composes."""
 import pytest
 import torch
 import torch.nn.functional as F
+from _device import DEVICE
 from _poison import nan_buffers
 
 from transformer_lrp.ops.layernorm import layernorm_relevance
@@ -24,7 +25,7 @@ def _args(shape, dtype, variant, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE, dtype)
 
     u, v = rnd(*shape), rnd(*shape)
     v[0] -= 3 * u[0].abs()  # sample 0's second branch net-negative: the normalized add's sign flip

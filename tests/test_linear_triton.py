@@ -3,6 +3,7 @@
 import pytest
 import torch
 import transformer_lrp.triton_kernels.linear_lrp  # noqa: F401  (installed by setup.py's package_dir)
+from _device import DEVICE
 
 from transformer_lrp.ops import linear_alpha1beta0, linear_alpha1beta0_ref
 
@@ -20,6 +21,8 @@ def test_kernel_matches_reference(shape, dtype, bias, monkeypatch):
     w[0] = -x[0, 0].sign() * w[0].abs()  # unit 0 has no positive contribution on the first row: dropped
     r = torch.randn(b, t, n, generator=g, dtype=torch.float64)
     bb = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    x, w, r = x.to(DEVICE), w.to(DEVICE), r.to(DEVICE)
+    bb = bb.to(DEVICE) if bias else None
     y = torch.nn.functional.linear(x, w, bb)
     ref = linear_alpha1beta0_ref(x, w, r)
     real_empty_like = torch.empty_like
@@ -54,6 +57,7 @@ def test_with_grad_shares_the_gemm(dtype, backend, monkeypatch):
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(2, 5, 37, generator=g, dtype=dtype), torch.randn(23, 37, generator=g, dtype=dtype)
     r, dy, b = (torch.randn(*s, generator=g, dtype=dtype) for s in ((2, 5, 23), (2, 5, 23), (23,)))
+    x, w, r, dy, b = (t.to(DEVICE) for t in (x, w, r, dy, b))
     y = torch.nn.functional.linear(x, w, b)
     with nan_buffers(monkeypatch):
         rel, grad = linear_alpha1beta0_with_grad(x, w, r, dy, output=y, bias=b, backend=backend)

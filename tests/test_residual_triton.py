@@ -4,6 +4,7 @@ backend dispatch."""
 import pytest
 import torch
 import transformer_lrp.triton_kernels.residual_lrp  # noqa: E402,F401  (installed by setup.py's package_dir)
+from _device import DEVICE
 
 from transformer_lrp.ops.residual import lrp_add, normalized_add, normalized_add_ref
 
@@ -12,7 +13,7 @@ SHAPES = [(1, 1, 5), (3, 7, 37), (2, 130, 9), (4, 1, 3000)]  # one row, non-powe
 
 def _inputs(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+    return [torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE, dtype) for _ in range(3)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -44,7 +45,7 @@ def test_kernel_zero_cases():
 def test_function_backward_returns_relevance():
     r, u, v = _inputs((2, 5, 6), torch.float64, seed=1)
     u.requires_grad_(True)
-    pos = torch.randn(1, 5, 6, dtype=torch.float64, requires_grad=True)  # a broadcast summand
+    pos = torch.randn(1, 5, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)  # a broadcast summand
     for backend in ("torch", "triton"):
         u.grad = pos.grad = None
         out = lrp_add(u, pos, backend)

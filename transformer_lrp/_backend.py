@@ -84,8 +84,8 @@ def load_cuda_extension() -> None:
     import transformer_lrp._C  # noqa: F401
 
     @torch.library.register_fake("tlrp::normalized_add")
-    def _(relevance, u, v):
-        return torch.empty_like(relevance), torch.empty_like(relevance)
+    def _(relevance, u, v):  # the kernel returns contiguous tensors of the relevance's shape
+        return relevance.new_empty(relevance.shape), relevance.new_empty(relevance.shape)
 
     _EXTENSION_LOADED = True
 

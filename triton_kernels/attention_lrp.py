@@ -25,9 +25,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from transformer_lrp.triton_kernels._common import EPS_C, safe_div
+from transformer_lrp.triton_kernels._common import safe_div
 
-from transformer_lrp.ops.common import safe_divide
+from transformer_lrp.ops.common import EPS, safe_divide
+from transformer_lrp.ops.residual import normalized_add_factors
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces inf − inf
 
@@ -48,31 +49,63 @@ def _load_rows(ptr, offs, mask_rows, o_d, mask_d, stride_n, DT: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(K, V, KEEP, i_b, i_h, o_n, o_d, m_d, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NK,
+              HAS_MASK: tl.constexpr, MM: tl.constexpr):
+    """K and V rows ``o_n`` of one (sample, head), and which of them are real keys (in range, not padding)."""
+    m_n = o_n < NK
+    valid_n = m_n
+    if HAS_MASK:
+        valid_n = valid_n & (tl.load(KEEP + i_b * NK + o_n, mask=m_n, other=0) != 0)
+    b_k = _load_rows(K + i_b * s_kb + i_h * s_kh, o_n, m_n, o_d, m_d, s_kn, MM)
+    b_v = _load_rows(V + i_b * s_vb + i_h * s_vh, o_n, m_n, o_d, m_d, s_vn, MM)
+    return valid_n, b_k, b_v
+
+
+@triton.jit
+def _query_tile(Q, DO, HS, LSE, DELTA, i_b, i_h, i_bh, o_m, m_m, o_d, m_d, s_qb, s_qh, s_qn, s_db, s_dh, s_dn,
+                s_hb, s_hh, s_hn, NQ, NEED_DP: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_RA: tl.constexpr,
+                DT: tl.constexpr, MM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Q, lse and (where needed) dO, hS, Δ rows ``o_m`` of one (sample, head); zeros where not needed. The product
+    operands stay in the products' dtype ``MM`` (half the registers for bf16), statistics in ``DT``."""
+    b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, MM)
+    b_lse = tl.load(LSE + i_bh * NQ + o_m, mask=m_m, other=0.0).to(DT)
+    b_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=MM)
+    b_hs = tl.zeros([BLOCK_M, BLOCK_D], dtype=MM)
+    b_delta = tl.zeros([BLOCK_M], dtype=DT)
+    if NEED_DP:
+        b_do = _load_rows(DO + i_b * s_db + i_h * s_dh, o_m, m_m, o_d, m_d, s_dn, MM)
+    if NEED_GRAD:
+        b_delta = tl.load(DELTA + i_bh * NQ + o_m, mask=m_m, other=0.0).to(DT)
+    if NEED_RA:
+        b_hs = _load_rows(HS + i_b * s_hb + i_h * s_hh, o_m, m_m, o_d, m_d, s_hn, MM)
+    return b_q, b_lse, b_do, b_hs, b_delta
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, KEEP, OUT, LSE,  # Q [B,H,NQ,d], K/V [B,H,NK,d] (last stride 1), KEEP [B,NK] int8, OUT like Q,
     # LSE [B,H,NQ]
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
-    H, NQ, NK, HEAD_DIM, scale,
+    CONSTS,  # [scale, …] in the compute dtype
+    H, NQ, NK, HEAD_DIM,
     HAS_MASK: tl.constexpr, DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1)
+    scale = tl.load(CONSTS)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < NQ, o_d < HEAD_DIM
-    b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, DT) * scale  # as the reference
+    b_q = (_load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, MM) * scale).to(MM)  # as the reference
     row_max = tl.full([BLOCK_M], _NEG, dtype=DT)
     row_sum = tl.zeros([BLOCK_M], dtype=DT)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
     for start in range(0, NK, BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)
-        valid = o_n < NK
-        if HAS_MASK:
-            valid = valid & (tl.load(KEEP + i_b * NK + o_n, mask=o_n < NK, other=0) != 0)
-        b_k = _load_rows(K + i_b * s_kb + i_h * s_kh, o_n, o_n < NK, o_d, m_d, s_kn, DT)
-        b_v = _load_rows(V + i_b * s_vb + i_h * s_vh, o_n, o_n < NK, o_d, m_d, s_vn, DT)
+        valid, b_k, b_v = _key_tile(K, V, KEEP, i_b, i_h, o_n, o_d, m_d, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NK,
+                                    HAS_MASK, MM)
         b_s = _mm(b_q, tl.trans(b_k), MM, DT, PREC)
         b_s = tl.where(valid[None, :], b_s, _NEG)
         new_max = tl.maximum(row_max, tl.max(b_s, axis=1))
@@ -81,6 +114,8 @@ def _attn_fwd_kernel(
         row_sum = row_sum * alpha + tl.sum(b_p, axis=1)
         acc = acc * alpha[:, None] + _mm(b_p, b_v, MM, DT, PREC)
         row_max = new_max
+    # a query with no real key attends to nothing (O = 0) instead of 0/0
+    row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
     b_o = acc / row_sum[:, None]
     o_ptr = OUT + i_b * s_ob + i_h * s_oh + o_m[:, None] * s_on + o_d[None, :]
     tl.store(o_ptr, b_o.to(OUT.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
@@ -107,12 +142,12 @@ def _tile(b_q, b_k, b_v, b_do, b_hs, b_lse, b_delta, valid, scale,
 
 
 @triton.jit
-def _score_factor(b_sc, b_ra, scale, MASK_ADD: tl.constexpr):
+def _score_factor(b_sc, b_ra, eps, eps_scale, MASK_ADD: tl.constexpr):
     """T = safe_divide(R_sc, sc, eps·scale), with R_sc the mask add's z-rule share (unnormalized) or R_A."""
     b_r = b_ra
     if MASK_ADD:
-        b_r = b_sc * safe_div(b_ra, b_sc, EPS_C)
-    return safe_div(b_r, b_sc, EPS_C * scale), b_r
+        b_r = b_sc * safe_div(b_ra, b_sc, eps)
+    return safe_div(b_r, b_sc, eps_scale), b_r
 
 
 @triton.jit
@@ -134,24 +169,24 @@ def _attn_bwd_kv_kernel(
     SUMS,  # out: [B,H,KTILES,2] partial Σ R_sc (z-rule share) and Σ R_A (mask add normalization)
     MAPOUT,  # out (atomic): [B,NQ,NK] head mean of E
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_hb, s_hh, s_hn,
-    H, NQ, NK, HEAD_DIM, KTILES, scale, inv_heads,
+    CONSTS,  # [scale, eps·scale, 1/H, eps] in the compute dtype (a float argument would be float32 on a GPU)
+    H, NQ, NK, HEAD_DIM, KTILES,
     HAS_MASK: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_REL: tl.constexpr,
     MAP: tl.constexpr, ROLLOUT: tl.constexpr, WANT_MAP: tl.constexpr,
     NEED_DP: tl.constexpr, NEED_RA: tl.constexpr,  # dO Vᵀ, and R_A, are needed (gradient / relevance / map)
     DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(1)
+    scale, eps_scale = tl.load(CONSTS), tl.load(CONSTS + 1)
+    inv_heads, eps = tl.load(CONSTS + 2), tl.load(CONSTS + 3)
     i_b, i_h = i_bh // H, i_bh % H
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_n, m_d = o_n < NK, o_d < HEAD_DIM
-    valid_n = m_n
-    if HAS_MASK:
-        valid_n = valid_n & (tl.load(KEEP + i_b * NK + o_n, mask=m_n, other=0) != 0)
-    b_k = _load_rows(K + i_b * s_kb + i_h * s_kh, o_n, m_n, o_d, m_d, s_kn, DT)
-    b_v = _load_rows(V + i_b * s_vb + i_h * s_vh, o_n, m_n, o_d, m_d, s_vn, DT)
+    valid_n, b_k, b_v = _key_tile(K, V, KEEP, i_b, i_h, o_n, o_d, m_d, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NK,
+                                  HAS_MASK, MM)
     acc_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=DT)
     acc_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=DT)
     acc_rk = tl.zeros([BLOCK_N, BLOCK_D], dtype=DT)
@@ -163,17 +198,9 @@ def _attn_bwd_kv_kernel(
         o_m = start + tl.arange(0, BLOCK_M)
         m_m = o_m < NQ
         valid = m_m[:, None] & valid_n[None, :]
-        b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, DT)
-        b_lse = tl.load(LSE + i_bh * NQ + o_m, mask=m_m, other=0.0).to(DT)
-        b_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
-        b_hs = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
-        b_delta = tl.zeros([BLOCK_M], dtype=DT)
-        if NEED_DP:
-            b_do = _load_rows(DO + i_b * s_db + i_h * s_dh, o_m, m_m, o_d, m_d, s_dn, DT)
-        if NEED_GRAD:
-            b_delta = tl.load(DELTA + i_bh * NQ + o_m, mask=m_m, other=0.0).to(DT)
-        if NEED_RA:
-            b_hs = _load_rows(HS + i_b * s_hb + i_h * s_hh, o_m, m_m, o_d, m_d, s_hn, DT)
+        b_q, b_lse, b_do, b_hs, b_delta = _query_tile(
+            Q, DO, HS, LSE, DELTA, i_b, i_h, i_bh, o_m, m_m, o_d, m_d, s_qb, s_qh, s_qn, s_db, s_dh, s_dn, s_hb, s_hh,
+            s_hn, NQ, NEED_DP, NEED_GRAD, NEED_RA, DT, MM, BLOCK_M, BLOCK_D)
         b_sc, b_p, b_dp, b_ra, b_ds = _tile(b_q, b_k, b_v, b_do, b_hs, b_lse, b_delta, valid, scale,
                                             NEED_DP, NEED_RA, NEED_GRAD, DT, MM, PREC)
         if NEED_GRAD:
@@ -181,7 +208,7 @@ def _attn_bwd_kv_kernel(
             acc_dk += _mm(tl.trans(b_ds), b_q, MM, DT, PREC)
         if NEED_REL:
             acc_rv += _mm(tl.trans(b_p), b_hs, MM, DT, PREC)
-            b_t, b_r = _score_factor(b_sc, b_ra, scale, MASK_ADD)
+            b_t, b_r = _score_factor(b_sc, b_ra, eps, eps_scale, MASK_ADD)
             acc_rk += _mm(tl.trans(b_t), b_q, MM, DT, PREC)
             if MASK_ADD:
                 sum_u += tl.sum(b_r, axis=0)
@@ -215,48 +242,38 @@ def _attn_bwd_q_kernel(
     DQ, RQ,  # outputs like Q (contiguous [B,H,NQ,d])
     ROWSUM,  # out: [B,H,NQ] Σ_j E_ij
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_hb, s_hh, s_hn,
-    H, NQ, NK, HEAD_DIM, scale,
+    CONSTS,  # [scale, eps·scale, 1/H, eps]
+    H, NQ, NK, HEAD_DIM,
     HAS_MASK: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_REL: tl.constexpr,
     MAP: tl.constexpr, WANT_ROWSUM: tl.constexpr,
     NEED_DP: tl.constexpr, NEED_RA: tl.constexpr,
     DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1)
+    scale, eps_scale, eps = tl.load(CONSTS), tl.load(CONSTS + 1), tl.load(CONSTS + 3)
     i_b, i_h = i_bh // H, i_bh % H
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_m, m_d = o_m < NQ, o_d < HEAD_DIM
-    b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, DT)
-    b_lse = tl.load(LSE + i_bh * NQ + o_m, mask=m_m, other=0.0).to(DT)
-    b_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
-    b_hs = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
-    b_delta = tl.zeros([BLOCK_M], dtype=DT)
-    if NEED_DP:
-        b_do = _load_rows(DO + i_b * s_db + i_h * s_dh, o_m, m_m, o_d, m_d, s_dn, DT)
-    if NEED_GRAD:
-        b_delta = tl.load(DELTA + i_bh * NQ + o_m, mask=m_m, other=0.0).to(DT)
-    if NEED_RA:
-        b_hs = _load_rows(HS + i_b * s_hb + i_h * s_hh, o_m, m_m, o_d, m_d, s_hn, DT)
+    b_q, b_lse, b_do, b_hs, b_delta = _query_tile(
+        Q, DO, HS, LSE, DELTA, i_b, i_h, i_bh, o_m, m_m, o_d, m_d, s_qb, s_qh, s_qn, s_db, s_dh, s_dn, s_hb, s_hh,
+        s_hn, NQ, NEED_DP, NEED_GRAD, NEED_RA, DT, MM, BLOCK_M, BLOCK_D)
     acc_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
     acc_rq = tl.zeros([BLOCK_M, BLOCK_D], dtype=DT)
     acc_row = tl.zeros([BLOCK_M], dtype=DT)
     for start in range(0, NK, BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)
-        m_n = o_n < NK
-        valid_n = m_n
-        if HAS_MASK:
-            valid_n = valid_n & (tl.load(KEEP + i_b * NK + o_n, mask=m_n, other=0) != 0)
+        valid_n, b_k, b_v = _key_tile(K, V, KEEP, i_b, i_h, o_n, o_d, m_d, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NK,
+                                      HAS_MASK, MM)
         valid = m_m[:, None] & valid_n[None, :]
-        b_k = _load_rows(K + i_b * s_kb + i_h * s_kh, o_n, m_n, o_d, m_d, s_kn, DT)
-        b_v = _load_rows(V + i_b * s_vb + i_h * s_vh, o_n, m_n, o_d, m_d, s_vn, DT)
         b_sc, b_p, b_dp, b_ra, b_ds = _tile(b_q, b_k, b_v, b_do, b_hs, b_lse, b_delta, valid, scale,
                                             NEED_DP, NEED_RA, NEED_GRAD, DT, MM, PREC)
         if NEED_GRAD:
             acc_dq += _mm(b_ds, b_k, MM, DT, PREC)
         if NEED_REL:
-            b_t, b_r = _score_factor(b_sc, b_ra, scale, MASK_ADD)
+            b_t, b_r = _score_factor(b_sc, b_ra, eps, eps_scale, MASK_ADD)
             acc_rq += _mm(b_t, b_k, MM, DT, PREC)
         if WANT_ROWSUM:
             acc_row += tl.sum(_map_tile(b_p, b_dp, b_ra, MAP), axis=1)
@@ -316,6 +333,18 @@ def _keep(key_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return key_mask.to(device=like.device, dtype=torch.int8).contiguous()
 
 
+def _constants(scale: float, heads: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``[scale, eps·scale, 1/H, eps]`` as a tensor of the compute dtype: a Python float argument would reach a
+    compiled kernel as float32, which float64 inputs cannot afford."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.tensor([scale, EPS * scale, 1.0 / heads, EPS], dtype=acc, device=device)
+
+
+def _warps(block_d: int) -> int:
+    # the backward programs hold several [tile, d] accumulators: more warps spread them over more registers
+    return 8 if block_d >= 64 else 4
+
+
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
@@ -332,13 +361,12 @@ def attention_fwd(
         out = torch.empty_like(q)
     lse = torch.empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     bm, bn, bd = _blocks(nq, nk, d, q.dtype)
-    _attn_fwd_kernel[(triton.cdiv(nq, bm), b * h)](
+    _attn_fwd_kernel[(b * h, triton.cdiv(nq, bm))](
         q, k, v, _keep(key_mask, q), out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        h, nq, nk, d, float(scale),
-        HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_mm_dtype(q),
-        PREC=_precision(q),
+        _constants(scale, h, q.dtype, q.device), h, nq, nk, d,
+        HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
     )
     return out, lse
@@ -356,8 +384,13 @@ def attention_bwd(
     nk = k.shape[2]
     need_grad, need_rel = inputs and grad_out is not None, inputs and rel_out is not None
     mode = MAP_MODES[map_mode]
+    rolling = rollout is not None and mode != MAP_NONE
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dummy = q.new_empty(1)
+
+    def new(*shape, dtype=q.dtype):
+        return torch.empty(*shape, dtype=dtype, device=q.device)
+
     delta = half_s = dummy
     if grad_out is not None:
         grad_out = _last_dim_contiguous(grad_out)
@@ -370,53 +403,51 @@ def attention_bwd(
     do_strides = (do.stride(0), do.stride(1), do.stride(2)) if do.dim() == 4 else (0, 0, 0)
     hs_strides = (half_s.stride(0), half_s.stride(1), half_s.stride(2)) if half_s.dim() == 4 else (0, 0, 0)
     bm, bn, bd = _blocks(nq, nk, d, q.dtype)
-    keep = _keep(key_mask, q)
-    dt, prec = _compute_dtype(q), _precision(q)
+    keep, consts = _keep(key_mask, q), _constants(scale, h, q.dtype, q.device)
     common = dict(HAS_MASK=key_mask is not None, MASK_ADD=mask_add and need_rel, NEED_GRAD=need_grad,
-                  NEED_REL=need_rel, MAP=mode, DT=dt, MM=_mm_dtype(q), PREC=prec, BLOCK_D=bd)
+                  NEED_REL=need_rel, MAP=mode, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q),
+                  BLOCK_D=bd, num_warps=_warps(bd))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), *do_strides, *hs_strides)
     result: dict[str, torch.Tensor] = {}
 
-    want_rowsum = mode != MAP_NONE and rollout is not None and normalize_rows
+    # Query tiles: dQ, R_Q and (normalized rollout) the row sums of E, which the key tiles' weights need first.
+    want_rowsum = rolling and normalize_rows
     if need_grad or need_rel or want_rowsum:
-        dq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device) if need_grad else dummy
-        rq = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device) if need_rel else dummy
-        rowsum = torch.empty(b, h, nq, dtype=acc, device=q.device) if want_rowsum else dummy
-        _attn_bwd_q_kernel[(triton.cdiv(nq, bm), b * h)](
-            q, k, v, do, half_s, lse, delta, keep, dq, rq, rowsum, *strides, h, nq, nk, d, float(scale),
-            WANT_ROWSUM=want_rowsum, NEED_DP=need_grad or (want_rowsum and mode != MAP_ATTN), BLOCK_M=bm,
-            BLOCK_N=bn,
-            NEED_RA=need_rel or (want_rowsum and mode == MAP_TA), **common)
+        dq = new(b, h, nq, d) if need_grad else dummy
+        rq = new(b, h, nq, d) if need_rel else dummy
+        rowsum = new(b, h, nq, dtype=acc) if want_rowsum else dummy
+        _attn_bwd_q_kernel[(b * h, triton.cdiv(nq, bm))](
+            q, k, v, do, half_s, lse, delta, keep, dq, rq, rowsum, *strides, consts, h, nq, nk, d,
+            WANT_ROWSUM=want_rowsum, NEED_DP=need_grad or (want_rowsum and mode != MAP_ATTN),
+            NEED_RA=need_rel or (want_rowsum and mode == MAP_TA), BLOCK_M=bm, BLOCK_N=bn, **common)
         if need_grad:
             result["grad_query"] = dq
         if need_rel:
             result["rel_query"] = rq
     weights = dummy
-    if rollout is not None:
+    if rolling:
         weights = rollout.to(acc)
-        if normalize_rows:  # rows of I + Ē, head mean of the per-head row sums
+        if normalize_rows:  # rows of I + Ē: the head mean of the per-head row sums
             weights = weights / (1 + rowsum.sum(1) / h)
         result["rollout_rows"] = weights
         weights = (weights / h).contiguous()
 
+    # Key tiles: dK, dV, R_K, R_V, the rollout product, the mask add's partial sums, the head-mean map.
     bn_kv = _blocks(nq, nk, d, q.dtype, owned=32)[1]
     ktiles = triton.cdiv(nk, bn_kv)
-    dk = torch.empty(b, h, nk, d, dtype=q.dtype, device=q.device) if need_grad else dummy
-    dv = torch.empty_like(dk) if need_grad else dummy
-    rk = torch.empty(b, h, nk, d, dtype=q.dtype, device=q.device) if need_rel else dummy
-    rv = torch.empty_like(rk) if need_rel else dummy
-    roll = torch.empty(b, h, nk, dtype=acc, device=q.device) if rollout is not None else dummy
-    sums = torch.empty(b, h, ktiles, 2, dtype=acc, device=q.device) if (mask_add and need_rel) else dummy
+    dk, dv = (new(b, h, nk, d), new(b, h, nk, d)) if need_grad else (dummy, dummy)
+    rk, rv = (new(b, h, nk, d), new(b, h, nk, d)) if need_rel else (dummy, dummy)
+    roll = new(b, h, nk, dtype=acc) if rolling else dummy
+    sums = new(b, h, ktiles, 2, dtype=acc) if (mask_add and need_rel) else dummy
+    want_map = want_map and mode != MAP_NONE
     mapout = torch.zeros(b, nq, nk, dtype=acc, device=q.device) if want_map else dummy
-    if need_grad or need_rel or rollout is not None or want_map:
-        _attn_bwd_kv_kernel[(ktiles, b * h)](
+    if need_grad or need_rel or rolling or want_map:
+        _attn_bwd_kv_kernel[(b * h, ktiles)](
             q, k, v, do, half_s, lse, delta, keep, weights, dk, dv, rk, rv, roll, sums, mapout, *strides,
-            h, nq, nk, d, ktiles, float(scale), 1.0 / h,
-            ROLLOUT=rollout is not None and mode != MAP_NONE, WANT_MAP=want_map and mode != MAP_NONE,
+            consts, h, nq, nk, d, ktiles, ROLLOUT=rolling, WANT_MAP=want_map,
             NEED_DP=need_grad or mode in (MAP_TA, MAP_GAE), NEED_RA=need_rel or mode == MAP_TA, BLOCK_M=bm,
-            BLOCK_N=bn_kv,
-            **common)
+            BLOCK_N=bn_kv, **common)
     if need_grad:
         result["grad_key"], result["grad_value"] = dk, dv
     if need_rel:
@@ -424,10 +455,10 @@ def attention_bwd(
         if mask_add:
             # The padding-mask add's normalization (SPEC §2.8 with v = 0), per sample: scales R_Q and R_K.
             s_u, s_r = sums.double().sum(dim=(1, 2)).unbind(-1)
-            factor = safe_divide(safe_divide(s_u.abs(), s_u.abs()) * s_r, s_u).to(q.dtype)[:, None, None, None]
+            factor = normalized_add_factors(s_u, torch.zeros_like(s_u), s_r)[0].to(q.dtype)[:, None, None, None]
             result["rel_query"] = result["rel_query"] * factor
             result["rel_key"] = result["rel_key"] * factor
-    if rollout is not None:
+    if rolling:
         result["rollout_product"] = roll.sum(1)
     if want_map:
         result["map"] = mapout
