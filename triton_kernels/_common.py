@@ -6,6 +6,19 @@ import triton.language as tl
 from transformer_lrp.ops.common import EPS
 
 EPS_C = tl.constexpr(EPS)  # the reference's denominator offset, a compile-time constant
+EPS2_C = tl.constexpr(2 * EPS)
+
+
+@triton.jit
+def eps_like(x, value: tl.constexpr):
+    # a constant of x's dtype, exact in float64 (a bare float literal can become a float32 constant first)
+    return tl.full([], value, x.dtype)
+
+
+@triton.jit
+def safe_div_ref(a, b):
+    # safe_divide with the reference's eps
+    return safe_div(a, b, eps_like(b, EPS_C))
 
 
 @triton.jit

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from transformer_lrp.triton_kernels._common import EPS_C, from_f64, safe_div
+from transformer_lrp.triton_kernels._common import eps_like, from_f64, safe_div_ref
 
 from transformer_lrp.ops.residual import normalized_add_factors
 
@@ -24,7 +24,7 @@ from transformer_lrp.ops.residual import normalized_add_factors
 def _relevance_z(b_z, R_LN, R_RES, off, mask, HAS_RRES: tl.constexpr, DT: tl.constexpr):
     b_r = tl.load(R_LN + off, mask=mask, other=0.0).to(DT)
     if HAS_RRES:  # clone: R = z ⊙ safe_divide(R_LN + R_res, z)
-        b_r = b_z * safe_div(b_r + tl.load(R_RES + off, mask=mask, other=0.0).to(DT), b_z, EPS_C)
+        b_r = b_z * safe_div_ref(b_r + tl.load(R_RES + off, mask=mask, other=0.0).to(DT), b_z)
     return b_r
 
 
@@ -33,7 +33,8 @@ def _ln_rel_pass1_kernel(
     U, V, W, G_LN, G_RES, R_LN, R_RES,  # rows [M, D] (W: [D] LayerNorm weight)
     DZ, RZ,  # out: [M, D]
     PART,  # out: [M, 3] float64 partial sums (SPLIT)
-    D, ln_eps,
+    D,
+    LN_EPS: tl.constexpr,  # compile-time: a float argument would be float32 on a GPU (one value per model)
     HAS_V: tl.constexpr, HAS_W: tl.constexpr, HAS_GRES: tl.constexpr, HAS_REL: tl.constexpr,
     HAS_RRES: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -49,7 +50,7 @@ def _ln_rel_pass1_kernel(
     # LayerNorm backward (statistics recomputed from z)
     mean = tl.sum(b_z, axis=0) / D
     centered = tl.where(m_d, b_z - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / D + ln_eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / D + eps_like(mean, LN_EPS))
     x_hat = centered * rstd
     b_dy = tl.load(G_LN + off, mask=m_d, other=0.0).to(DT)
     if HAS_W:
@@ -63,7 +64,7 @@ def _ln_rel_pass1_kernel(
     if HAS_REL:
         b_r = _relevance_z(b_z, R_LN, R_RES, off, m_d, HAS_RRES, DT)
         if SPLIT:
-            b_s = safe_div(b_r.to(tl.float64), b_z.to(tl.float64), EPS_C)
+            b_s = safe_div_ref(b_r.to(tl.float64), b_z.to(tl.float64))
             tl.store(PART + i_m * 3 + 0, tl.sum(b_u.to(tl.float64) * b_s, axis=0))
             tl.store(PART + i_m * 3 + 1, tl.sum(b_v.to(tl.float64) * b_s, axis=0))
             tl.store(PART + i_m * 3 + 2, tl.sum(b_r.to(tl.float64), axis=0))
@@ -86,7 +87,7 @@ def _ln_rel_pass2_kernel(
     b_v = tl.load(V + off, mask=m_d, other=0.0).to(DT)
     b_z = b_u + b_v
     b_r = _relevance_z(b_z, R_LN, R_RES, off, m_d, HAS_RRES, DT)
-    b_s = safe_div(b_r.to(tl.float64), b_z.to(tl.float64), EPS_C)
+    b_s = safe_div_ref(b_r.to(tl.float64), b_z.to(tl.float64))
     i_b = i_m // ROWS
     tl.store(RU + off, from_f64(b_u.to(tl.float64) * b_s * tl.load(FU + i_b), RU.dtype.element_ty), mask=m_d)
     tl.store(RV + off, from_f64(b_v.to(tl.float64) * b_s * tl.load(FV + i_b), RV.dtype.element_ty), mask=m_d)
@@ -115,7 +116,7 @@ def layernorm_relevance_bwd(
     _ln_rel_pass1_kernel[(m,)](
         u2, v2 if v2 is not None else dummy, weight if weight is not None else dummy, g_ln,
         g_res if g_res is not None else dummy, r_ln if has_rel else dummy, r_res if r_res is not None else dummy,
-        dz, rz, part, d, float(ln_eps), HAS_V=v2 is not None, HAS_W=weight is not None,
+        dz, rz, part, d, LN_EPS=float(ln_eps), HAS_V=v2 is not None, HAS_W=weight is not None,
         HAS_GRES=g_res is not None, HAS_REL=has_rel, HAS_RRES=r_res is not None, SPLIT=split, DT=dt,
         BLOCK_D=block_d)
     if not has_rel:

@@ -12,10 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from transformer_lrp.ops.common import EPS
-
-EPS2 = tl.constexpr(2 * EPS)
+from transformer_lrp.triton_kernels._common import EPS2_C, eps_like
 
 
 @triton.jit
@@ -46,7 +43,7 @@ def _alpha1beta0_scale_kernel(
         b_y -= tl.load(BIAS + o_n, mask=m_n, other=0.0).to(b_zabs.dtype)
     den = b_y + b_zabs  # 2z
     keep = den > tol2 * b_zabs
-    b_s = tl.where(keep, b_r / (den + EPS2), 0.0)
+    b_s = tl.where(keep, b_r / (den + eps_like(den, EPS2_C)), 0.0)
     tl.store(S + row + o_n, b_s.to(S.dtype.element_ty), mask=m_n)
 
 

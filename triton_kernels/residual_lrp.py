@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from transformer_lrp.triton_kernels._common import EPS_C, from_f64, safe_div, to_f64
+from transformer_lrp.triton_kernels._common import from_f64, safe_div_ref, to_f64
 
 from transformer_lrp.ops.residual import normalized_add_factors
 
@@ -41,7 +41,7 @@ def _normalized_add_sums_kernel(
         b_r = to_f64(tl.load(R + base + o_m, mask=m_m, other=0.0))
         b_u = to_f64(tl.load(U + base + o_m, mask=m_m, other=0.0))
         b_v = to_f64(tl.load(V + base + o_m, mask=m_m, other=0.0))
-        b_s = safe_div(b_r, b_u + b_v, EPS_C)
+        b_s = safe_div_ref(b_r, b_u + b_v)
         acc_u += b_u * b_s
         acc_v += b_v * b_s
         acc_r += b_r
@@ -71,7 +71,7 @@ def _normalized_add_scale_kernel(
     b_r = to_f64(tl.load(R + base + o_m, mask=m_m, other=0.0))
     b_u = to_f64(tl.load(U + base + o_m, mask=m_m, other=0.0))
     b_v = to_f64(tl.load(V + base + o_m, mask=m_m, other=0.0))
-    b_s = safe_div(b_r, b_u + b_v, EPS_C)
+    b_s = safe_div_ref(b_r, b_u + b_v)
     f_u = tl.load(FU + i_b)
     f_v = tl.load(FV + i_b)
     tl.store(RU + base + o_m, from_f64(b_u * b_s * f_u, RU.dtype.element_ty), mask=m_m)
