@@ -46,12 +46,13 @@ def explain_command(args: argparse.Namespace) -> int:
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     model, tokenizer, path = _load_text_model(args.model, args.num_labels, dtype)
+    model = model.to(args.device)
     texts = args.text or DEFAULT_TEXTS
     batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    inputs = {k: v.to(args.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     t0 = time.perf_counter()
     out = tl.explain(model, inputs, target=args.target, method=args.method, start_layer=args.start_layer,
-                     normalize_rows=args.normalize_rows, cls_relevance=args.cls_relevance)
+                     normalize_rows=args.normalize_rows, cls_relevance=args.cls_relevance, backend=args.backend)
     elapsed = time.perf_counter() - t0
     print(f"model: {type(model).__name__} from {path}")
     print(f"method: {out.method} (start_layer={args.start_layer}, normalize_rows={args.normalize_rows}, "
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--normalize-rows", action="store_true")
     p.add_argument("--cls-relevance", default="keep", choices=["keep", "zero", "min"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--device", default="cpu", help="e.g. cuda")
+    p.add_argument("--backend", default=None, choices=["torch", "triton", "cuda"],
+                   help="default: TLRP_BACKEND, else torch (triton needs --device cuda or TRITON_INTERPRET=1)")
     e = sub.add_parser("evaluate", help="run every method on the real-weights benchmarks and write a results table")
     e.add_argument("--tasks", default="canvas,movies,planted", help="comma list of canvas, movies, planted")
     e.add_argument("--models-dir", default="models", help="where scripts/build_real_models.py saved the models")
