@@ -6,6 +6,7 @@ import _models as M
 import pytest
 import torch
 from _device import on_device
+from _poison import nan_buffers
 
 import transformer_lrp as tl
 from transformer_lrp import fused, methods
@@ -75,12 +76,13 @@ TRITON_CASES = {
 @pytest.mark.parametrize("setting", ["all_layers", "from_1_normalized"])
 @pytest.mark.parametrize("method", fused.FUSED_METHODS)
 @pytest.mark.parametrize("name", list(TRITON_CASES))
-def test_triton_explain_equals_torch(name, method, setting, dtype):
+def test_triton_explain_equals_torch(name, method, setting, dtype, monkeypatch):
     make_model, make_inputs = TRITON_CASES[name]
     model, inputs = on_device(make_model(dtype)), on_device(make_inputs(dtype))
     kw = SETTINGS[setting] if method != "rollout" else dict(start_layer=SETTINGS[setting]["start_layer"])
     ref = tl.explain(model, inputs, method=method, **kw)
-    out = tl.explain(model, inputs, method=method, backend="triton", **kw)
+    with nan_buffers(monkeypatch):  # every uninitialized buffer of the call starts as NaN
+        out = tl.explain(model, inputs, method=method, backend="triton", **kw)
     assert torch.equal(out.target, ref.target)
     if dtype == torch.float64:
         _assert_close(out.relevance, ref.relevance, 1e-10)

@@ -35,10 +35,18 @@ def not_supported_reasons(backend: str, tensors: tuple = ()) -> list[str]:
     return [f"unknown backend {backend!r}; choose one of {BACKENDS} or None"]
 
 
+# The automatic choice of ``explain`` moves to the Triton path on CUDA inputs once bench/gpu_check.sh has passed on
+# a GPU; until then no kernel has been compiled for one, and the reference is the safe default.
+TRITON_VALIDATED_ON_GPU = False
+
+
 def select_backend(requested: str | None, tensors: tuple = ()) -> str:
     """Resolve the backend of one ``explain`` call: the argument, else ``TLRP_BACKEND``, else automatic."""
     choice = _choice(requested)
     if choice == "auto":
+        on_gpu = bool(tensors) and all(t.is_cuda for t in tensors)
+        if TRITON_VALIDATED_ON_GPU and on_gpu and not _triton_reasons(tensors):
+            return "triton"
         return "torch"
     reasons = not_supported_reasons(choice, tensors)
     if reasons:
