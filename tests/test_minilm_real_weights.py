@@ -43,10 +43,16 @@ def test_minilm_batch(model_and_tokenizer):
         assert err < 1e-4
 
 
-def test_minilm_conservation_float64(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    model64 = type(model).from_pretrained(minilm.get_model_path(), num_labels=2).double().eval()
-    model64.classifier.load_state_dict({k: v.double() for k, v in model.classifier.state_dict().items()})
+@pytest.fixture(scope="module")
+def model64(model_and_tokenizer):
+    model = model_and_tokenizer[0]
+    double = type(model).from_pretrained(minilm.get_model_path(), num_labels=2).double().eval()
+    double.classifier.load_state_dict({k: v.double() for k, v in model.classifier.state_dict().items()})
+    return double
+
+
+def test_minilm_conservation_float64(model_and_tokenizer, model64):
+    tok = model_and_tokenizer[1]
     inputs = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
     enc = tl.build_encoder(model64)
     trace = engine.forward(enc, enc.embed(inputs), engine.Plan(cache_from=0))
@@ -56,3 +62,19 @@ def test_minilm_conservation_float64(model_and_tokenizer):
     for where, r in totals.items():
         s = r.sum(dim=(1, 2))
         torch.testing.assert_close(s, torch.ones_like(s), rtol=0, atol=1e-5, msg=where)
+
+
+@pytest.mark.parametrize("method", ["transformer_attribution", "gae", "rollout"])
+def test_minilm_triton_path_equals_reference(model_and_tokenizer, model64, method):
+    """The fused Triton path (TRITON_INTERPRET=1 on CPU) on trained weights, a padded batch, float64: equal to the
+    reference path, the original BERT setting included."""
+    tok = model_and_tokenizer[1]
+    inputs = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
+    settings = [dict()]
+    if method == "transformer_attribution":
+        settings.append(dict(start_layer=-1, normalize_rows=True, cls_relevance="min"))
+    for kw in settings:
+        ref = tl.explain(model64, inputs, method=method, **kw)
+        out = tl.explain(model64, inputs, method=method, backend="triton", **kw)
+        err = (out.relevance - ref.relevance).abs().max() / ref.relevance.abs().max()
+        assert err < 1e-10, (kw, float(err))
