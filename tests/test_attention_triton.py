@@ -70,13 +70,16 @@ def test_forward_matches_reference(shape, masked, dtype, monkeypatch):
         dict(map_mode="transformer_attribution", mask_add=False, normalize_rows=True),
         dict(map_mode="gae", mask_add=False, normalize_rows=True),
         dict(map_mode="rollout", mask_add=False, normalize_rows=True),
+        dict(map_mode=None, mask_add=True, mask_add_normalized=False),
     ],
-    ids=["ta_maskadd", "ta_norm", "gae_norm", "rollout"],
+    ids=["ta_maskadd", "ta_norm", "gae_norm", "rollout", "baseline_maskadd"],
 )
 def test_backward_matches_reference(shape, setting, dtype, monkeypatch):
     q, k, v, key_mask, d_o, r_o, roll = _inputs(shape, dtype, masked=True)
     o, lse = attention_forward(q, k, v, 0.37, key_mask, backend="torch")
     kw = dict(grad_out=d_o, rel_out=r_o, key_mask=key_mask, rollout=roll, want_map=True, **setting)
+    if setting["map_mode"] is None:  # relevance only (the baselines' full LRP)
+        kw.update(grad_out=None, rollout=None, want_map=False)
     if setting["map_mode"] in ("gae", "rollout"):
         kw["rel_out"] = None
     if setting["map_mode"] == "rollout":

@@ -1,5 +1,6 @@
-"""explain(backend="triton") for the methods outside the fused sweep: they run the engine's path (the Triton ops
-where the method's rules have one, the reference elsewhere) and equal backend="torch" (TRITON_INTERPRET=1 on CPU)."""
+"""explain(backend="triton") for the methods outside the fused sweep: they run the engine's path (full LRP with the
+fused attention forward and its relevance kernel, the rest with the reference) and equal backend="torch"
+(TRITON_INTERPRET=1 on CPU)."""
 
 import _models as M
 import pytest
@@ -12,9 +13,20 @@ from transformer_lrp import fused
 OTHER = [m for m in tl.METHODS if m not in fused.FUSED_METHODS]
 
 
+CASES = {
+    "timm_vit": (lambda: M.timm_vit(depth=2), lambda: M.images(2)),
+    "bert_padded": (lambda: M.hf_bert(num_hidden_layers=2), lambda: M.text_batch((9, 6))),  # the mask add, z-rule
+}
+
+
 @pytest.mark.parametrize("method", OTHER)
-def test_other_methods_with_triton_backend(method):
-    model, x = on_device(M.timm_vit(depth=2)), on_device(M.images(2))
+@pytest.mark.parametrize("name", list(CASES))
+def test_other_methods_with_triton_backend(name, method):
+    model, x = (on_device(make()) for make in CASES[name])
     ref = tl.explain(model, x, method=method)
     out = tl.explain(model, x, method=method, backend="triton")
-    torch.testing.assert_close(out.relevance, ref.relevance, rtol=1e-10, atol=1e-12)
+    scale = float(ref.relevance.abs().max())
+    torch.testing.assert_close(out.relevance, ref.relevance, rtol=1e-10, atol=1e-10 * scale)
+    if ref.pixel_relevance is not None:  # full LRP down to the pixels (z^B rule of the patch embedding)
+        scale = float(ref.pixel_relevance.abs().max())
+        torch.testing.assert_close(out.pixel_relevance, ref.pixel_relevance, rtol=1e-10, atol=1e-10 * scale)

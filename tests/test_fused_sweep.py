@@ -116,7 +116,7 @@ def test_triton_sweep_never_materializes_attention(monkeypatch):
     monkeypatch.setattr(attention, "attention_relevance_ref", forbidden)
     monkeypatch.setattr(torch.Tensor, "softmax", forbidden)
     model, x = on_device(M.timm_vit(depth=2)), on_device(M.images(2))
-    for method in fused.FUSED_METHODS:
+    for method in (*fused.FUSED_METHODS, "full_lrp"):
         assert torch.isfinite(tl.explain(model, x, method=method, backend="triton").relevance).all()
 
 

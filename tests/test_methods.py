@@ -190,8 +190,9 @@ def test_pooled_top_block_is_exact(family, method, monkeypatch):
     fast = tl.explain(model, inputs, method=method)
     real_forward = engine.forward
 
-    def all_rows(enc, emb, plan):
-        return real_forward(enc, emb, engine.Plan(plan.grad_from, plan.attn_from, plan.cache_from, pooled_top=False))
+    def all_rows(enc, emb, plan, *args):
+        plan = engine.Plan(plan.grad_from, plan.attn_from, plan.cache_from, pooled_top=False)
+        return real_forward(enc, emb, plan, *args)
 
     monkeypatch.setattr(engine, "forward", all_rows)
     full = tl.explain(model, inputs, method=method)

@@ -22,7 +22,9 @@ import torch
 from transformer_lrp.adapters.spec import ACTIVATIONS, BlockSpec, Embedded, EncoderSpec
 from transformer_lrp.ops import (
     attention_av_relevance,
+    attention_forward,
     attention_qk_relevance,
+    attention_relevance,
     clone_relevance,
     linear_alpha1beta0,
     linear_alpha1beta0_separate,
@@ -42,13 +44,17 @@ class RuleSet:
 
     linear: Callable
     add: Callable
+    normalized_add: bool  # the add rule is the normalized add (else the plain z-rule)
+    backend: str = "torch"
 
     @staticmethod
     def of(rules: Rules, backend: str = "torch") -> RuleSet:
-        """``backend`` applies to the method's rules (the baselines' run the reference)."""
+        """``backend`` applies to the method's rules and to the attention (the baselines' other rules run the
+        reference)."""
         if rules == "method":
-            return RuleSet(linear=partial(_linear_method, backend=backend), add=partial(_add_method, backend=backend))
-        return RuleSet(linear=_linear_baseline, add=z_add)
+            return RuleSet(linear=partial(_linear_method, backend=backend), add=partial(_add_method, backend=backend),
+                           normalized_add=True, backend=backend)
+        return RuleSet(linear=_linear_baseline, add=z_add, normalized_add=False, backend=backend)
 
 
 def _linear_method(x, spec, relevance, y, backend="torch"):
@@ -110,6 +116,7 @@ class Trace:
     head_inputs: list[list[torch.Tensor]] = field(default_factory=list)  # per branch, input of each head layer
     head_outputs: list[list[torch.Tensor]] = field(default_factory=list)
     branch_logits: list[torch.Tensor] = field(default_factory=list)
+    key_mask: torch.Tensor | None = None  # [B, N] True = real token (the fused attention's padding mask)
 
     def row_of(self, token: int) -> int:
         """Index of ``token`` in the last block's rows (attention rows, output tokens)."""
@@ -178,6 +185,13 @@ def block_forward(
     return y, attn, cache
 
 
+def _fused_attention(q, k, v, scale, key_mask, backend):
+    # O written head-interleaved ([B, N, H, d] memory): merging the heads is then a view, not a copy
+    b, h, n, d = q.shape
+    buffer = q.new_empty(b, n, h, d).transpose(1, 2)
+    return attention_forward(q, k, v, scale, key_mask, out=buffer, backend=backend)
+
+
 def head_forward(enc: EncoderSpec, tokens: torch.Tensor, trace: Trace) -> torch.Tensor:
     if enc.final_norm is not None:
         tokens = enc.final_norm(tokens)
@@ -215,7 +229,13 @@ class Plan:
 
 
 @profiled
-def forward(enc: EncoderSpec, emb: Embedded, plan: Plan) -> Trace:
+def forward(enc: EncoderSpec, emb: Embedded, plan: Plan, backend: str = "torch") -> Trace:
+    """``backend`` other than ``"torch"``: attention through the fused op (``O`` and ``lse`` kept, never ``A``);
+    only for plans that need neither ``A`` nor its gradient."""
+    fused = None
+    if backend != "torch":
+        assert plan.grad_from is None and plan.attn_from is None, "the fused attention keeps no A"
+        fused = partial(_fused_attention, key_mask=emb.key_mask, backend=backend)
     masked = None if emb.key_mask is None else ~emb.key_mask[:, None, None, :]
     x = emb.tokens
     attn: dict[int, torch.Tensor] = {}
@@ -228,12 +248,12 @@ def forward(enc: EncoderSpec, emb: Embedded, plan: Plan) -> Trace:
             x = x.detach().requires_grad_(True)
         with torch.set_grad_enabled(tracked):
             keep = plan.cache_from is not None and i >= plan.cache_from
-            x, a, cache = block_forward(blk, x, masked, keep, top_rows if i == enc.depth - 1 else None)
+            x, a, cache = block_forward(blk, x, masked, keep, top_rows if i == enc.depth - 1 else None, fused)
         if plan.attn_from is not None and i >= plan.attn_from:
             attn[i] = a
         if cache is not None:
             caches[i] = cache
-    trace = Trace(logits=torch.empty(0), attn=attn, caches=caches, top_rows=top_rows)
+    trace = Trace(logits=torch.empty(0), attn=attn, caches=caches, top_rows=top_rows, key_mask=emb.key_mask)
     with torch.set_grad_enabled(track):
         trace.logits = head_forward(enc, x, trace)
     return trace
@@ -279,11 +299,14 @@ def _scatter_rows(t: torch.Tensor, rows: list[int], n: int, dim: int) -> torch.T
 
 
 def block_relevance(
-    blk: BlockSpec, c: BlockCache, relevance: torch.Tensor, rules: RuleSet, through_attention: bool
-) -> tuple[torch.Tensor | None, torch.Tensor]:
+    blk: BlockSpec, c: BlockCache, relevance: torch.Tensor, rules: RuleSet, through_attention: bool,
+    key_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Relevance of one block, top-down (SPEC §2.11). Returns ``(R_input or None, R_A)``.
 
     With ``through_attention=False`` the sweep stops at ``R_A`` (all that a method needs from the lowest block).
+    A block from the fused forward (no ``A`` kept) gets its attention relevance from the fused kernel and returns
+    ``R_A = None``; ``key_mask`` is then the padding mask.
     """
     add, linear = rules.add, rules.linear
     # MLP half: the residual add, then fc2, activation (identity), fc1, norm (identity), then the clone.
@@ -302,15 +325,23 @@ def block_relevance(
         r_branch1, r_x_res = add(r_mid, c.branch1, x_rows)
     r_ctx = linear(c.ctx, blk.proj, r_branch1, c.proj_out)
     r_out = _split_heads(r_ctx, blk.num_heads, blk.head_dim)
-    r_attn, r_v = attention_av_relevance(c.attn, c.v, c.out, r_out)
-    if not through_attention:
-        return None, r_attn
-    r_scores = r_attn  # softmax: identity
-    if blk.mask_add:
-        # BERT adds its padding mask to the scores; the original propagates through that add. At real keys the
-        # mask is 0 and at padded keys R = 0 (A = 0 there), so the mask side never takes relevance.
-        r_scores = add(r_attn, c.scores, None)[0]
-    r_q, r_k = attention_qk_relevance(c.q, c.k, c.scores, r_scores, blk.scale)
+    if c.attn is None:  # fused forward: the kernel recomputes A tile by tile
+        if not through_attention:
+            return None, None
+        res = attention_relevance(c.q, c.k, c.v, c.out, c.lse, blk.scale, rel_out=r_out, key_mask=key_mask,
+                                  mask_add=blk.mask_add, mask_add_normalized=rules.normalized_add,
+                                  backend=rules.backend)
+        r_attn, r_q, r_k, r_v = None, res["rel_query"], res["rel_key"], res["rel_value"]
+    else:
+        r_attn, r_v = attention_av_relevance(c.attn, c.v, c.out, r_out)
+        if not through_attention:
+            return None, r_attn
+        r_scores = r_attn  # softmax: identity
+        if blk.mask_add:
+            # BERT adds its padding mask to the scores; the original propagates through that add. At real keys the
+            # mask is 0 and at padded keys R = 0 (A = 0 there), so the mask side never takes relevance.
+            r_scores = add(r_attn, c.scores, None)[0]
+        r_q, r_k = attention_qk_relevance(c.q, c.k, c.scores, r_scores, blk.scale)
     if c.rows is not None:  # back to all tokens: the skipped rows carry no relevance
         r_q = _scatter_rows(r_q, c.rows, r_k.shape[2], dim=2)
         r_x_res = _scatter_rows(r_x_res, c.rows, c.x.shape[1], dim=1)
@@ -348,7 +379,7 @@ def relevance_sweep(
         lowest = max(stop_block, 0)
         for i in range(enc.depth - 1, lowest - 1, -1):
             through = i > lowest or stop_block == -1
-            r_in, r_attn = block_relevance(enc.blocks[i], trace.caches[i], r, rs, through)
+            r_in, r_attn = block_relevance(enc.blocks[i], trace.caches[i], r, rs, through, trace.key_mask)
             if on_block is not None:
                 on_block(i, r_attn)
             if r_in is None:

@@ -27,7 +27,7 @@ from transformer_lrp import engine
 from transformer_lrp.adapters.spec import ACTIVATIONS, BlockSpec, Embedded, EncoderSpec
 from transformer_lrp.engine import BlockCache, _merge_heads, _scatter_rows, _split_heads
 from transformer_lrp.ops import clone_relevance, normalized_add
-from transformer_lrp.ops.attention import attention_forward, attention_relevance
+from transformer_lrp.ops.attention import attention_relevance
 from transformer_lrp.ops.layernorm import layernorm_relevance
 from transformer_lrp.ops.linear import linear_alpha1beta0_with_grad
 
@@ -46,7 +46,7 @@ def run(enc: EncoderSpec, emb: Embedded, method: str, target, start_layer: int, 
     depth = enc.depth
     key_mask = emb.key_mask
     top_rows = sorted({branch.token for branch in enc.head})
-    attend = partial(_attention, key_mask=key_mask, backend=backend)
+    attend = partial(engine._fused_attention, key_mask=key_mask, backend=backend)
     caches: dict[int, BlockCache] = {}
     with torch.no_grad(), record_function("tlrp::forward"):
         x = emb.tokens
@@ -78,13 +78,6 @@ def run(enc: EncoderSpec, emb: Embedded, method: str, target, start_layer: int, 
             grad, rel = block_backward(enc.blocks[i], caches.pop(i), grad, rel, key_mask, _MAP_MODE[method], agg,
                                        normalize_rows, through=i > start_layer, backend=backend)
     return MethodOutput(agg.v.to(emb.tokens.dtype), logits, t)
-
-
-def _attention(q, k, v, scale, key_mask, backend):
-    # O is written head-interleaved ([B, N, H, d] memory), so merging the heads afterwards is a view, not a copy
-    b, h, n, d = q.shape
-    buffer = q.new_empty(b, n, h, d).transpose(1, 2)
-    return attention_forward(q, k, v, scale, key_mask, out=buffer, backend=backend)
 
 
 def _linear(x, spec, rel, grad, out, backend):
@@ -196,7 +189,7 @@ def _rollout(enc: EncoderSpec, emb: Embedded, target, start_layer: int, check_ta
 
     depth = enc.depth
     top_rows = sorted({branch.token for branch in enc.head})
-    attend = partial(_attention, key_mask=emb.key_mask, backend=backend)
+    attend = partial(engine._fused_attention, key_mask=emb.key_mask, backend=backend)
     kept = {}
     with torch.no_grad(), record_function("tlrp::forward"):
         x = emb.tokens

@@ -149,10 +149,11 @@ def run(
         return MethodOutput(maps[last].clamp(min=0).mean(dim=1)[:, trace.row_of(0)], trace.logits, t)
 
     if method == "full_lrp":
+        # Non-reference backends: the fused attention forward (no A kept for any block) and its relevance kernel.
         with torch.no_grad():
-            trace = engine.forward(enc, emb, engine.Plan(cache_from=0, pooled_top=True))
+            trace = engine.forward(enc, emb, engine.Plan(cache_from=0, pooled_top=True), backend)
         t = check_target(trace.logits, target)
-        r_in = engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", -1)
+        r_in = engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", -1, backend=backend)
         with torch.no_grad():
             tokens, patches = emb.to_input(r_in, z_add)
         if enc.modality == "vision":

@@ -376,7 +376,7 @@ def attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
     grad_out: torch.Tensor | None = None, rel_out: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
     mask_add: bool = False, map_mode: str | None = None, rollout: torch.Tensor | None = None,
-    normalize_rows: bool = False, want_map: bool = False, inputs: bool = True,
+    normalize_rows: bool = False, want_map: bool = False, inputs: bool = True, mask_add_normalized: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Launcher of the backward; see ``transformer_lrp.ops.attention_relevance`` for the arguments and outputs."""
     q, k, v, out = (_last_dim_contiguous(t) for t in (q, k, v, out))
@@ -452,7 +452,7 @@ def attention_bwd(
         result["grad_key"], result["grad_value"] = dk, dv
     if need_rel:
         result["rel_key"], result["rel_value"] = rk, rv
-        if mask_add:
+        if mask_add and mask_add_normalized:
             # The padding-mask add's normalization (SPEC §2.8 with v = 0), per sample: scales R_Q and R_K.
             s_u, s_r = sums.double().sum(dim=(1, 2)).unbind(-1)
             factor = normalized_add_factors(s_u, torch.zeros_like(s_u), s_r)[0].to(q.dtype)[:, None, None, None]

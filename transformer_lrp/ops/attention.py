@@ -99,11 +99,11 @@ def attention_forward(
 
 def attention_relevance_ref(
     query, key, value, out, lse, scale, grad_out=None, rel_out=None, key_mask=None, mask_add=False, map_mode=None,
-    rollout=None, normalize_rows=False, want_map=False, inputs=True,
+    rollout=None, normalize_rows=False, want_map=False, inputs=True, mask_add_normalized=True,
 ) -> dict[str, torch.Tensor]:
     """Reference of ``attention_relevance``: materializes ``A``; gradients by autograd, relevance by the rules above
     (``lse`` is not read: ``A`` is recomputed)."""
-    from transformer_lrp.ops.residual import normalized_add_ref
+    from transformer_lrp.ops.residual import normalized_add_ref, z_add
 
     with torch.enable_grad():
         q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
@@ -122,7 +122,9 @@ def attention_relevance_ref(
     if rel_out is not None or map_mode == "transformer_attribution":
         r_attn, r_value = attention_av_relevance(attn, value, out, rel_out)
         if rel_out is not None and inputs:
-            r_scores = normalized_add_ref(r_attn, scores, None)[0] if mask_add else r_attn
+            r_scores = r_attn
+            if mask_add:
+                r_scores = (normalized_add_ref if mask_add_normalized else z_add)(r_attn, scores, None)[0]
             r_query, r_key = attention_qk_relevance(query, key, scores, r_scores, scale)
             result.update(rel_query=r_query, rel_key=r_key, rel_value=r_value)
     if map_mode is not None:
@@ -160,6 +162,7 @@ def attention_relevance(
     normalize_rows: bool = False,
     want_map: bool = False,
     inputs: bool = True,
+    mask_add_normalized: bool = True,
     backend: str | None = "torch",
 ) -> dict[str, torch.Tensor]:
     r"""Backward of softmax attention carrying gradient and relevance, with the block's map reduced over heads.
@@ -172,7 +175,8 @@ def attention_relevance(
         rel_out: relevance of ``O``: gives ``rel_query/key/value`` (SPEC §2.6: G rules halved, softmax identity).
         key_mask: `[B, NK]` bool, True for real keys.
         mask_add: the model adds its padding mask to the scores (BERT): relevance passes that add by the
-            method's normalized add (its per-sample factor scales ``rel_query`` and ``rel_key``).
+            method's normalized add (its per-sample factor scales ``rel_query`` and ``rel_key``), or by the plain
+            z-rule with ``mask_add_normalized=False`` (the baselines' rules).
         map_mode: ``"transformer_attribution"``: ``E = (∇A ⊙ R_A)⁺``; ``"gae"``: ``E = (∇A ⊙ A)⁺``; ``"rollout"``:
             ``E = A`` (attention rollout, no gradient needed); ``None``: no map.
         rollout: `[B, NQ]` row vector ``v`` of the streaming rollout at this block's query rows: returns
@@ -194,7 +198,8 @@ def attention_relevance(
     if (rollout is not None or want_map) and map_mode is None:
         raise ValueError("rollout and want_map need a map_mode")
     kwargs = dict(grad_out=grad_out, rel_out=rel_out, key_mask=key_mask, mask_add=mask_add, map_mode=map_mode,
-                  rollout=rollout, normalize_rows=normalize_rows, want_map=want_map, inputs=inputs)
+                  rollout=rollout, normalize_rows=normalize_rows, want_map=want_map, inputs=inputs,
+                  mask_add_normalized=mask_add_normalized)
     if backend != "torch" and op_backend("attention_relevance", KERNELS, (query, key, value), backend) == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_bwd
 
