@@ -227,13 +227,16 @@ def main() -> None:
 
 
 def save_rows(path: Path, rows: list[dict]) -> None:
-    """Append ``rows`` to the CSV at ``path``; a file with another header is moved aside (``.v1.csv``)."""
+    """Append ``rows`` to the CSV at ``path``; a file with another header is moved aside (``.v1.csv``, ``.v2.csv``…)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     if not new:
         with path.open() as f:
             if f.readline().strip().split(",") != list(rows[0]):
-                path.rename(path.with_suffix(".v1.csv"))
+                version = 1
+                while path.with_suffix(f".v{version}.csv").exists():
+                    version += 1
+                path.rename(path.with_suffix(f".v{version}.csv"))
                 new = True
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

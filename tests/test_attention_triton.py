@@ -16,8 +16,10 @@ from transformer_lrp.ops.attention import (
 )
 
 # (B, H, NQ, NK, d): square, odd head counts and head dims, one or two query rows (the pooled top block),
-# more keys than a tile, a model-sized head (64: the wide tiles, and the narrower float64 ones)
-SHAPES = [(2, 3, 9, 9, 12), (1, 1, 1, 20, 5), (2, 5, 2, 37, 16), (1, 2, 70, 70, 8), (1, 2, 67, 67, 64)]
+# more keys than a tile, model-sized heads (64: the wide tiles and 8 warps, the narrower float64 ones), also with
+# the pooled top block's one or two query rows
+SHAPES = [(2, 3, 9, 9, 12), (1, 1, 1, 20, 5), (2, 5, 2, 37, 16), (1, 2, 70, 70, 8), (1, 2, 67, 67, 64),
+          (2, 4, 1, 50, 64), (2, 3, 2, 37, 64)]
 IDS = ["x".join(map(str, s)) for s in SHAPES]
 
 
@@ -182,15 +184,17 @@ def test_argument_and_dispatch_errors(monkeypatch):
         attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, map_mode="raw_attention")
     with pytest.raises(NotImplementedError, match="no cuda kernel for attention_relevance"):
         attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, backend="cuda")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: Triton cannot run
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1 is not set"):
-        attention_forward(q, k, v, 0.5, backend="triton")
+        attention_forward(q.cpu(), k.cpu(), v.cpu(), 0.5, backend="triton")
 
 
-def test_kernels_bfloat16(monkeypatch):
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_kernels_bfloat16(shape, monkeypatch):
     """bf16 operands (fp32 accumulation): within bf16 rounding of the float64 reference of the same inputs, for
-    everything but R_Q/R_K (their division by near-zero scores is ill-conditioned in any bf16 implementation)."""
-    q, k, v, key_mask, d_o, r_o, roll = _inputs(SHAPES[0], torch.bfloat16, masked=True)
+    everything but R_Q/R_K (their division by near-zero scores is ill-conditioned in any bf16 implementation).
+    Under the interpreter the products run in float32; on a GPU in bf16 (tensor cores)."""
+    q, k, v, key_mask, d_o, r_o, roll = _inputs(shape, torch.bfloat16, masked=True)
     with nan_buffers(monkeypatch):
         o, lse = attention_forward(q, k, v, 0.37, key_mask, backend="triton")
     ref_o, ref_lse = attention_forward(q.double(), k.double(), v.double(), 0.37, key_mask)

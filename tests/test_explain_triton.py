@@ -25,6 +25,9 @@ def test_other_methods_with_triton_backend(name, method):
     model, x = (on_device(make()) for make in CASES[name])
     ref = tl.explain(model, x, method=method)
     out = tl.explain(model, x, method=method, backend="triton")
+    if method != "full_lrp":  # they read one block's pooled rows: the same reference code on every backend
+        assert torch.equal(out.relevance, ref.relevance)
+        return
     scale = float(ref.relevance.abs().max())
     torch.testing.assert_close(out.relevance, ref.relevance, rtol=1e-10, atol=1e-10 * scale)
     if ref.pixel_relevance is not None:  # full LRP down to the pixels (z^B rule of the patch embedding)

@@ -41,7 +41,7 @@ def _to(inputs, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("method", ["transformer_attribution", "gae"])
+@pytest.mark.parametrize("method", ["transformer_attribution", "gae", "rollout", "full_lrp"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_triton_cuda_matches_cpu_reference(name, method, dtype):
     make_model, make_inputs = GPU_CASES[name]
@@ -77,3 +77,15 @@ def test_triton_bf16_close_to_fp32(name, method):
     assert err(half) <= 2 * err(half_ref) + 0.02, (err(half), err(half_ref))
     if name.startswith("bert"):
         assert err(half) < 0.1
+
+
+def test_automatic_backend_switch(monkeypatch):
+    """Once the Triton path is marked validated, backend=None picks it for CUDA inputs (and the reference on CPU)."""
+    from transformer_lrp import _backend
+
+    monkeypatch.delenv("TLRP_BACKEND", raising=False)
+    x = torch.zeros(1, device="cuda")
+    assert _backend.select_backend(None, (x,)) == "torch"
+    monkeypatch.setattr(_backend, "TRITON_VALIDATED_ON_GPU", True)
+    assert _backend.select_backend(None, (x,)) == "triton"
+    assert _backend.select_backend(None, (x.cpu(),)) == "torch"

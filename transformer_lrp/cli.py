@@ -53,7 +53,9 @@ def explain_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = tl.explain(model, inputs, target=args.target, method=args.method, start_layer=args.start_layer,
                      normalize_rows=args.normalize_rows, cls_relevance=args.cls_relevance, backend=args.backend)
-    elapsed = time.perf_counter() - t0
+    if out.relevance.is_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0  # includes any first-call kernel compilation
     print(f"model: {type(model).__name__} from {path}")
     print(f"method: {out.method} (start_layer={args.start_layer}, normalize_rows={args.normalize_rows}, "
           f"cls_relevance={args.cls_relevance}); {len(texts)} texts in one batch, {elapsed:.2f} s")

@@ -333,11 +333,19 @@ def _keep(key_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return key_mask.to(device=like.device, dtype=torch.int8).contiguous()
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
 def _constants(scale: float, heads: int, dtype: torch.dtype, device) -> torch.Tensor:
     """``[scale, eps·scale, 1/H, eps]`` as a tensor of the compute dtype: a Python float argument would reach a
-    compiled kernel as float32, which float64 inputs cannot afford."""
+    compiled kernel as float32, which float64 inputs cannot afford. Cached per (scale, heads, dtype, device): a
+    fresh host-to-device copy per call would synchronize the stream (and break CUDA-graph capture)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.tensor([scale, EPS * scale, 1.0 / heads, EPS], dtype=acc, device=device)
+    key = (float(scale), int(heads), acc, str(device))
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        hit = _CONSTANTS[key] = torch.tensor([scale, EPS * scale, 1.0 / heads, EPS], dtype=acc, device=device)
+    return hit
 
 
 def _warps(block_d: int) -> int:
