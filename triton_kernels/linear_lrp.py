@@ -90,7 +90,10 @@ def linear_alpha1beta0_bwd(
     m = x2.shape[0]
     fp64 = x.dtype == torch.float64
     z_abs = x2.abs() @ abs_weight.t()
-    half_s = torch.empty_like(z_abs)
+    # With a gradient, S is written straight into the top half of the stacked [S; dY] operand (no concatenation
+    # copy of S), dY into the bottom half.
+    stacked = torch.empty(2 * m if grad_output is not None else m, n, dtype=z_abs.dtype, device=z_abs.device)
+    half_s = stacked[:m]
     bias_arg = bias if bias is not None else z_abs  # any pointer: not read without HAS_BIAS
     _alpha1beta0_scale_kernel[(m, triton.cdiv(n, block))](
         z_abs, y2, bias_arg, r2, half_s, m, n, 2 * tolerance, HAS_BIAS=bias is not None, FP64=fp64, BLOCK_N=block)
@@ -98,7 +101,8 @@ def linear_alpha1beta0_bwd(
     if grad_output is None:
         s_w = half_s @ weight
     else:
-        s_w, grad_x = (torch.cat([half_s, grad_output.reshape(-1, n)]) @ weight).split(m)
+        stacked[m:].copy_(grad_output.reshape(-1, n))
+        s_w, grad_x = (stacked @ weight).split(m)
         grad_x = grad_x.view(shape)
     out = torch.empty_like(x2)
     _alpha1beta0_combine_kernel[(m, triton.cdiv(k, block))](x2, s_w, half_s @ abs_weight, out, k,
