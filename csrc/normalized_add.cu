@@ -13,42 +13,10 @@
 
 #include <tuple>
 
+#include "common.cuh"
+
 namespace tlrp {
 namespace {
-
-constexpr double kEps = 1e-9;  // the reference's denominator offset
-constexpr int kThreads = 256;
-
-// safe_divide of the reference: a / (b + eps), eps where that sum is 0, and 0 where b == 0
-__device__ __forceinline__ double safe_div(double a, double b) {
-  if (b == 0.0) return 0.0;
-  double den = b + kEps;
-  if (den == 0.0) den = kEps;
-  return a / den;
-}
-
-template <typename T>
-__device__ __forceinline__ T from_double(double x) {
-  return static_cast<T>(x);
-}
-template <>
-__device__ __forceinline__ c10::Half from_double<c10::Half>(double x) {
-  return c10::Half(static_cast<float>(x));
-}
-template <>
-__device__ __forceinline__ c10::BFloat16 from_double<c10::BFloat16>(double x) {
-  return c10::BFloat16(static_cast<float>(x));
-}
-
-// half types widen through float; double stays exact
-template <typename scalar_t>
-__device__ __forceinline__ double load_double(const scalar_t* p, int64_t i) {
-  return static_cast<double>(static_cast<float>(p[i]));
-}
-template <>
-__device__ __forceinline__ double load_double<double>(const double* p, int64_t i) {
-  return p[i];
-}
 
 template <typename scalar_t>
 __global__ void partial_sums_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ u,
@@ -66,22 +34,15 @@ __global__ void partial_sums_kernel(const scalar_t* __restrict__ r, const scalar
     sv += vv * s;
     sr += rr;
   }
-  __shared__ double shared[3][kThreads];
-  shared[0][threadIdx.x] = su;
-  shared[1][threadIdx.x] = sv;
-  shared[2][threadIdx.x] = sr;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      for (int k = 0; k < 3; ++k) shared[k][threadIdx.x] += shared[k][threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
+  __shared__ double shared[kThreads];
+  su = block_sum(su, shared);
+  sv = block_sum(sv, shared);
+  sr = block_sum(sr, shared);
   if (threadIdx.x == 0) {
     double* out = partial + (b * gridDim.y + blockIdx.y) * 3;
-    out[0] = shared[0][0];
-    out[1] = shared[1][0];
-    out[2] = shared[2][0];
+    out[0] = su;
+    out[1] = sv;
+    out[2] = sr;
   }
 }
 
@@ -98,12 +59,6 @@ __global__ void scale_kernel(const scalar_t* __restrict__ r, const scalar_t* __r
     r_u[i] = from_double<scalar_t>(uu * s * factor_u[b]);
     r_v[i] = from_double<scalar_t>(vv * s * factor_v[b]);
   }
-}
-
-at::Tensor safe_divide(const at::Tensor& a, const at::Tensor& b) {
-  auto den = b + kEps;
-  den = at::where(den == 0, at::full_like(den, kEps), den);
-  return at::where(b == 0, at::zeros_like(a), a / den);
 }
 
 }  // namespace
@@ -134,11 +89,7 @@ std::tuple<at::Tensor, at::Tensor> normalized_add_cuda(const at::Tensor& relevan
         per_sample, chunk_len);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto sums = partial.sum(1);  // [B, 3]
-  const auto s_u = sums.select(1, 0), s_v = sums.select(1, 1), s = sums.select(1, 2);
-  const auto total = s_u.abs() + s_v.abs();
-  const auto factor_u = safe_divide(safe_divide(s_u.abs(), total) * s, s_u).contiguous();
-  const auto factor_v = safe_divide(safe_divide(s_v.abs(), total) * s, s_v).contiguous();
+  const auto [factor_u, factor_v] = normalized_add_factors(partial.sum(1));  // sums: [B, 3]
   const int64_t n = r.numel();
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "normalized_add_scale", [&] {

@@ -1,5 +1,6 @@
 """The CUDA C++ extension (csrc/): built and importable where nvcc exists (scripts/install.sh compiles it on the
-CPU machine), its torch.library schema, dispatch, and (on a GPU) its results against the reference rule."""
+CPU machine), its torch.library schemas, dispatch, and (on a GPU) the normalized add and the LayerNorm relevance
+against their reference rules, with torch.library.opcheck."""
 
 import shutil
 
@@ -48,3 +49,35 @@ def test_cuda_kernel_matches_reference(dtype):
         assert a.dtype == dtype and torch.isfinite(a).all()
         assert (a.double().cpu() - b).abs().max() <= tol * b.abs().max()
     torch.library.opcheck(torch.ops.tlrp.normalized_add.default, tuple(t.cuda() for t in (r, u, v)))
+
+
+@pytest.mark.skipif(not BUILT, reason="CUDA extension not built")
+def test_layernorm_schema_registered():
+    schema = str(torch.ops.tlrp.layernorm_relevance.default._schema)
+    assert schema.startswith("tlrp::layernorm_relevance(Tensor u, Tensor v, Tensor? weight, float ln_eps")
+
+
+@pytest.mark.skipif(not (BUILT and torch.cuda.is_available()), reason="needs the extension and a GPU")
+@pytest.mark.parametrize("variant", ["pre_ln", "post_ln", "no_affine"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_layernorm_matches_reference(dtype, variant):
+    from transformer_lrp.ops.layernorm import layernorm_relevance
+
+    g = torch.Generator().manual_seed(1)
+
+    def rnd(*shape):  # rounded to dtype first: the reference sees the kernel's inputs
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).double()
+
+    u, v, g_ln, r_ln, g_res, r_res = (rnd(3, 7, 301) for _ in range(6))
+    v[0] -= 3 * u[0].abs()
+    weight = None if variant == "no_affine" else rnd(301)
+    residual = variant != "post_ln"
+    args = (u, v, weight, None, 1e-6, g_ln, r_ln, g_res if residual else None, r_res if residual else None)
+    ref = layernorm_relevance(*args)
+    out = layernorm_relevance(*(t.to("cuda", dtype) if torch.is_tensor(t) else t for t in args), backend="cuda")
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for a, b in zip(out, ref):
+        assert a.dtype == dtype and torch.isfinite(a).all()
+        assert (a.double().cpu() - b).abs().max() <= tol * b.abs().max()
+    cuda_args = tuple(t.cuda() if torch.is_tensor(t) else t for t in (u, v, weight, 1e-6, g_ln, r_ln, g_res, r_res))
+    torch.library.opcheck(torch.ops.tlrp.layernorm_relevance.default, cuda_args)

@@ -4,10 +4,11 @@
 attribution, GAE and rollout through the fused sweep (``fused.py``: flash-style attention relevance, LayerNorm +
 residual, α1β0 Linear kernels), full LRP through the engine with the fused attention and its relevance kernel, and
 the methods that read one block through the reference; it needs CUDA tensors or ``TRITON_INTERPRET=1``. ``cuda``
-is the CUDA C++ extension (``csrc/``, ``torch.ops.tlrp``): it holds the normalized add only, so it serves single
-ops (``ops.normalized_add(backend="cuda")``), not a whole explanation. ``None``/``auto`` picks ``torch`` for
-``explain`` until the kernels have been validated on a GPU (per op: ``triton`` where it can run). An explicit
-backend that cannot run raises ``NotImplementedError`` naming every reason. No device is queried at import.
+is the CUDA C++ extension (``csrc/``, ``torch.ops.tlrp``): it holds the normalized add and the LayerNorm
+relevance, so it serves single ops (``ops.normalized_add(backend="cuda")``), not a whole explanation.
+``None``/``auto`` picks ``torch`` for ``explain`` until the kernels have been validated on a GPU (per op:
+``triton`` where it can run). An explicit backend that cannot run raises ``NotImplementedError`` naming every
+reason. No device is queried at import.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ def not_supported_reasons(backend: str, tensors: tuple = ()) -> list[str]:
     if backend == "triton":
         return _triton_reasons(tensors)
     if backend == "cuda":
-        return ["the CUDA C++ extension holds only the normalized add (ops.normalized_add(backend='cuda')); "
-                "explain the whole model with backend='triton' or 'torch'"]
+        return ["the CUDA C++ extension holds only the normalized add and the LayerNorm relevance (single ops: "
+                "ops.normalized_add / ops.layernorm_relevance with backend='cuda'); explain the whole model with "
+                "backend='triton' or 'torch'"]
     return [f"unknown backend {backend!r}; choose one of {BACKENDS} or None"]
 
 
@@ -94,6 +96,10 @@ def load_cuda_extension() -> None:
     @torch.library.register_fake("tlrp::normalized_add")
     def _(relevance, u, v):  # the kernel returns contiguous tensors of the relevance's shape
         return relevance.new_empty(relevance.shape), relevance.new_empty(relevance.shape)
+
+    @torch.library.register_fake("tlrp::layernorm_relevance")
+    def _(u, v, weight, ln_eps, grad_norm_out, rel_norm_out, grad_residual, rel_residual):
+        return tuple(u.new_empty(u.shape) for _ in range(3))
 
     _EXTENSION_LOADED = True
 

@@ -56,7 +56,7 @@ def explain(
             fused sweep: flash-style attention relevance, LayerNorm + residual and α1β0 Linear kernels, no attention
             matrix in memory; full LRP with the fused attention and its relevance kernel; the others, which read
             one block, through the reference; needs CUDA tensors or ``TRITON_INTERPRET=1``), ``"cuda"`` (the CUDA
-            C++ extension holds only the normalized add: raises) or ``None`` (env ``TLRP_BACKEND``, else ``torch``).
+            C++ extension holds single ops only: raises) or ``None`` (env ``TLRP_BACKEND``, else ``torch``).
             Default: ``None``.
 
     Returns:

@@ -15,7 +15,7 @@ from transformer_lrp._backend import op_backend
 from transformer_lrp.ops.common import profiled
 from transformer_lrp.ops.residual import clone_relevance, normalized_add_ref
 
-KERNELS = {"layernorm_relevance": ("triton",)}
+KERNELS = {"layernorm_relevance": ("triton", "cuda")}
 
 
 def layernorm_relevance_ref(
@@ -67,18 +67,27 @@ def layernorm_relevance(
         grad_norm_out, rel_norm_out: gradient and relevance of the LayerNorm's output (``rel_norm_out=None``: the
             gradient only).
         grad_residual, rel_residual: gradient and relevance reaching ``z`` by the residual path (pre-LN), if any.
-        backend: ``"torch"`` (reference), ``"triton"`` (``triton_kernels/layernorm_lrp.py``, two passes) or ``None``.
+        backend: ``"torch"`` (reference), ``"triton"`` (``triton_kernels/layernorm_lrp.py``, two passes), ``"cuda"``
+            (the same passes in CUDA C++, ``csrc/layernorm_relevance.cu``; the split case: ``v`` and
+            ``rel_norm_out`` given) or ``None``.
 
     Returns:
         ``(dL/dz, R_u, R_v)``; without ``v``: ``(dL/dz, R_z, None)``; without relevance: ``(dL/dz, None, None)``.
         The normalized add's sums are per sample.
     """
     tensors = (u, grad_norm_out)
-    if backend != "torch" and op_backend("layernorm_relevance", KERNELS, tensors, backend) == "triton":
+    chosen = "torch" if backend == "torch" else op_backend("layernorm_relevance", KERNELS, tensors, backend)
+    if chosen == "triton":
         from transformer_lrp.triton_kernels.layernorm_lrp import layernorm_relevance_bwd
 
         return layernorm_relevance_bwd(u, v, weight, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
                                        rel_residual)
+    if chosen == "cuda":  # csrc/layernorm_relevance.cu, loaded by op_backend
+        if v is None or rel_norm_out is None:
+            raise NotImplementedError("layernorm_relevance: backend 'cuda' covers the split case only (v and "
+                                      "rel_norm_out given)")
+        return tuple(torch.ops.tlrp.layernorm_relevance(u, v, weight, float(ln_eps), grad_norm_out, rel_norm_out,
+                                                        grad_residual, rel_residual))
     return layernorm_relevance_ref(u, v, weight, bias, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
                                    rel_residual)
 
