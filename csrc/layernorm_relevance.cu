@@ -149,7 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_relevance_cuda(
         dz.data_ptr<scalar_t>(), partial.data_ptr<double>(), dim, ln_eps);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto [factor_u, factor_v] = normalized_add_factors(partial.view({batch, rows / batch, 3}).sum(1));
+  const auto factors = normalized_add_factors(partial.view({batch, rows / batch, 3}).sum(1));
+  const at::Tensor& factor_u = factors.first;  // plain references: lambdas cannot capture bindings in C++17
+  const at::Tensor& factor_v = factors.second;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, uc.scalar_type(), "layernorm_relevance_pass2", [&] {
     ln_relevance_pass2<scalar_t><<<rows, kThreads, 0, stream>>>(
         uc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(r_res),

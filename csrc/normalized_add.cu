@@ -89,7 +89,9 @@ std::tuple<at::Tensor, at::Tensor> normalized_add_cuda(const at::Tensor& relevan
         per_sample, chunk_len);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const auto [factor_u, factor_v] = normalized_add_factors(partial.sum(1));  // sums: [B, 3]
+  const auto factors = normalized_add_factors(partial.sum(1));  // sums: [B, 3]
+  const at::Tensor& factor_u = factors.first;  // plain references: lambdas cannot capture bindings in C++17
+  const at::Tensor& factor_v = factors.second;
   const int64_t n = r.numel();
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "normalized_add_scale", [&] {
