@@ -12,6 +12,7 @@ from transformer_lrp.ops.attention import (
     attention_forward,
     attention_relevance,
     attention_relevance_ref,
+    attention_weighted_map,
     lrp_attention,
 )
 
@@ -218,3 +219,40 @@ def test_query_without_real_keys_attends_to_nothing():
     o, lse = attention_forward(q, k, v, 0.5, key_mask, backend="triton")
     assert torch.equal(o[0], torch.zeros_like(o[0]))
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+
+
+SQUARE = [s for s in SHAPES if s[2] == s[3]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("shape", SQUARE, ids=["x".join(map(str, s)) for s in SQUARE])
+def test_weighted_map_matches_reference(shape, masked, dtype, monkeypatch):
+    """GradCAM's head-weighted map: the kernel's CLS row, min and max against the reference."""
+    q, k, v, key_mask = _inputs(shape, dtype, masked)[:4]
+    _, lse = attention_forward(q, k, v, 0.37, key_mask)
+    weights = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    weights = weights.to(DEVICE, dtype)
+    ref = attention_weighted_map(q, k, lse, 0.37, weights, key_mask, backend="torch")
+    with nan_buffers(monkeypatch):
+        out = attention_weighted_map(q, k, lse, 0.37, weights, key_mask, backend="triton")
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, a, b in zip(("row", "min", "max"), out, ref):
+        assert torch.isfinite(a).all(), name
+        assert (a.double() - b.double()).abs().max() <= tol * max(float(b.abs().max()), 1e-12), name
+
+
+def test_weighted_map_reference_by_hand():
+    q, k, v = _inputs((2, 3, 5, 5, 4), torch.float64, masked=False)[:3]
+    key_mask = torch.tensor([[True] * 5, [True, True, True, False, False]], device=DEVICE)
+    _, lse = attention_forward(q, k, v, 0.5, key_mask)
+    weights = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.2, -1.0]], dtype=torch.float64, device=DEVICE)
+    row, lo, hi = attention_weighted_map(q, k, lse, 0.5, weights, key_mask)
+    for b in range(2):
+        n = int(key_mask[b].sum())
+        a = ((q[b, :, :n] * 0.5) @ k[b, :, :n].transpose(-1, -2)).softmax(-1)  # the real tokens alone
+        e = (weights[b, :, None, None] * a).mean(0).clamp(min=0)
+        torch.testing.assert_close(row[b, :n], e[0])
+        assert torch.equal(row[b, n:], torch.zeros_like(row[b, n:]))  # padded keys: A = 0
+        torch.testing.assert_close(lo[b], e.min())
+        torch.testing.assert_close(hi[b], e.max())

@@ -118,6 +118,9 @@ def test_triton_sweep_never_materializes_attention(monkeypatch):
     model, x = on_device(M.timm_vit(depth=2)), on_device(M.images(2))
     for method in (*fused.FUSED_METHODS, "full_lrp"):
         assert torch.isfinite(tl.explain(model, x, method=method, backend="triton").relevance).all()
+    bert, text = on_device(M.hf_bert(num_hidden_layers=2)), on_device(M.text_batch((9, 6)))
+    for method in (*fused.FUSED_METHODS, "full_lrp", "attention_gradcam"):
+        assert torch.isfinite(tl.explain(bert, text, method=method, backend="triton").relevance).all()
 
 
 def test_triton_padded_sample_equals_sample_alone():

@@ -41,7 +41,7 @@ def _to(inputs, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("method", ["transformer_attribution", "gae", "rollout", "full_lrp"])
+@pytest.mark.parametrize("method", ["transformer_attribution", "gae", "rollout", "full_lrp", "attention_gradcam"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_triton_cuda_matches_cpu_reference(name, method, dtype):
     make_model, make_inputs = GPU_CASES[name]

@@ -2,8 +2,9 @@
 
 ``torch`` is the reference path and runs everywhere (CPU/GPU, float64 included). ``triton`` runs transformer
 attribution, GAE and rollout through the fused sweep (``fused.py``: flash-style attention relevance, LayerNorm +
-residual, α1β0 Linear kernels), full LRP through the engine with the fused attention and its relevance kernel, and
-the methods that read one block through the reference; it needs CUDA tensors or ``TRITON_INTERPRET=1``. ``cuda``
+residual, α1β0 Linear kernels), full LRP through the engine with the fused attention and its relevance kernel,
+text GradCAM through the head-weighted map kernel, and the methods that read one block's pooled rows through the
+reference; it needs CUDA tensors or ``TRITON_INTERPRET=1``. ``cuda``
 is the CUDA C++ extension (``csrc/``, ``torch.ops.tlrp``): it holds the normalized add and the LayerNorm
 relevance, so it serves single ops (``ops.normalized_add(backend="cuda")``), not a whole explanation.
 ``None``/``auto`` picks ``torch`` for ``explain`` until the kernels have been validated on a GPU (per op:

@@ -54,9 +54,10 @@ def explain(
             Default: ``"keep"``.
         backend: ``"torch"`` (the reference), ``"triton"`` (transformer attribution, GAE and rollout through the
             fused sweep: flash-style attention relevance, LayerNorm + residual and α1β0 Linear kernels, no attention
-            matrix in memory; full LRP with the fused attention and its relevance kernel; the others, which read
-            one block, through the reference; needs CUDA tensors or ``TRITON_INTERPRET=1``), ``"cuda"`` (the CUDA
-            C++ extension holds single ops only: raises) or ``None`` (env ``TLRP_BACKEND``, else ``torch``).
+            matrix in memory; full LRP with the fused attention and its relevance kernel; text GradCAM with the
+            head-weighted map kernel; the others, which read one block's pooled rows, through the reference; needs
+            CUDA tensors or ``TRITON_INTERPRET=1``), ``"cuda"`` (the CUDA C++ extension holds single ops only:
+            raises) or ``None`` (env ``TLRP_BACKEND``, else ``torch``).
             Default: ``None``.
 
     Returns:

@@ -27,7 +27,7 @@ from transformer_lrp import engine
 from transformer_lrp.adapters.spec import ACTIVATIONS, BlockSpec, Embedded, EncoderSpec
 from transformer_lrp.engine import BlockCache, _merge_heads, _scatter_rows, _split_heads
 from transformer_lrp.ops import clone_relevance, normalized_add
-from transformer_lrp.ops.attention import attention_relevance
+from transformer_lrp.ops.attention import attention_relevance, attention_weighted_map
 from transformer_lrp.ops.layernorm import layernorm_relevance
 from transformer_lrp.ops.linear import linear_alpha1beta0_with_grad
 
@@ -104,22 +104,12 @@ def _scaled(t: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
     return t if gamma is None else t * gamma
 
 
-def block_backward(
-    blk: BlockSpec,
-    c: BlockCache,
-    grad: torch.Tensor,
-    rel: torch.Tensor | None,
-    key_mask: torch.Tensor | None,
-    map_mode: str,
-    agg,
-    normalize_rows: bool,
-    through: bool,
-    backend: str,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """One block, top-down: gradient ``grad`` and relevance ``rel`` of its output (``None`` in a gradient-only
-    sweep) → those of its input, updating the streaming rollout ``agg`` with the block's map on the way.
-    With ``through=False`` (the lowest block) it stops after the attention map. Mirrors
-    ``engine.block_relevance`` (SPEC §2.11) for the relevance."""
+def to_attention_output(
+    blk: BlockSpec, c: BlockCache, grad: torch.Tensor, rel: torch.Tensor | None, backend: str
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """The top of a block's backward, down to the attention output: gradient and relevance (``None`` in a
+    gradient-only sweep) of the block output → ``(dL/dctx, R_ctx, dL/dx_res, R_x_res)``, the heads-merged
+    attention output's and the residual branch's (at the rows the block computed)."""
     norm1, norm2 = blk.norm1, blk.norm2
     has_rel = rel is not None
     x_rows = c.x if c.rows is None else c.x[:, c.rows]
@@ -144,6 +134,28 @@ def block_backward(
                                                        d_h2 + d_mid_res, r_mid, backend=backend)
         d_branch1 = d_x_res = d_z1
     r_ctx, d_ctx = _linear(c.ctx, blk.proj, r_branch1, _scaled(d_branch1, blk.ls1), c.proj_out, backend)
+    return d_ctx, r_ctx, d_x_res, r_x_res
+
+
+def block_backward(
+    blk: BlockSpec,
+    c: BlockCache,
+    grad: torch.Tensor,
+    rel: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    map_mode: str,
+    agg,
+    normalize_rows: bool,
+    through: bool,
+    backend: str,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One block, top-down: gradient ``grad`` and relevance ``rel`` of its output (``None`` in a gradient-only
+    sweep) → those of its input, updating the streaming rollout ``agg`` with the block's map on the way.
+    With ``through=False`` (the lowest block) it stops after the attention map. Mirrors
+    ``engine.block_relevance`` (SPEC §2.11) for the relevance."""
+    norm1 = blk.norm1
+    has_rel = rel is not None
+    d_ctx, r_ctx, d_x_res, r_x_res = to_attention_output(blk, c, grad, rel, backend)
     heads, hd = blk.num_heads, blk.head_dim
     v_rows = agg.v if c.rows is None else agg.v[:, c.rows]
     res = attention_relevance(
@@ -210,3 +222,42 @@ def _rollout(enc: EncoderSpec, emb: Embedded, target, start_layer: int, check_ta
                                       inputs=False, backend=backend)
             agg.apply(res["rollout_rows"], res["rollout_product"], rows)
     return MethodOutput(agg.v.to(emb.tokens.dtype), logits, t)
+
+
+def gradcam_text(enc: EncoderSpec, emb: Embedded, target, check_target, backend: str):
+    """Attention GradCAM for text (SPEC §4) without ``[B, H, N, N]``: per-head weights ``w_h`` = mean of ``∇A_h``
+    over the real (query, key) pairs, in closed form ``(Σ_i dO_i)·(Σ_j V_j) / n²`` (``∇A = dO Vᵀ``), then the
+    head-weighted map's CLS row and its min and max from the weighted-map kernel; min–max scaled."""
+    from transformer_lrp.methods import MethodOutput
+
+    last = enc.depth - 1
+    attend = partial(engine._fused_attention, key_mask=emb.key_mask, backend=backend)
+    with torch.no_grad(), record_function("tlrp::forward"):
+        x = emb.tokens
+        for i, blk in enumerate(enc.blocks):  # the whole last block: the map spans every row
+            x, _, cache = engine.block_forward(blk, x, None, i == last, None, fused_attention=attend)
+    trace = engine.Trace(logits=torch.empty(0))
+    top = x.detach().requires_grad_(True)
+    with torch.enable_grad(), record_function("tlrp::head_gradient"):
+        logits = engine.head_forward(enc, top, trace)
+        t = check_target(logits, target)
+        grad = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), top)[0]
+    blk = enc.blocks[last]
+    with torch.no_grad():
+        d_ctx = to_attention_output(blk, cache, grad, None, backend)[0]
+        acc = torch.float64 if emb.tokens.dtype == torch.float64 else torch.float32
+        d_out, value = _split_heads(d_ctx, blk.num_heads, blk.head_dim).to(acc), cache.v.to(acc)
+        if emb.key_mask is None:
+            count = torch.full((d_out.shape[0], 1), float(d_out.shape[2] * value.shape[2]), dtype=acc,
+                               device=d_out.device)
+            sum_do, sum_v = d_out.sum(2), value.sum(2)
+        else:
+            real = emb.key_mask[:, None, :, None].to(acc)
+            count = emb.key_mask.sum(1, keepdim=True).to(acc) ** 2
+            sum_do, sum_v = (d_out * real).sum(2), (value * real).sum(2)
+        weights = (sum_do * sum_v).sum(-1) / count  # [B, H]
+        row, lo, hi = attention_weighted_map(cache.q, cache.k, cache.lse, blk.scale, weights, emb.key_mask, 0,
+                                             backend=backend)
+        span = (hi - lo)[:, None]
+        row = torch.where(span > 0, (row - lo[:, None]) / torch.where(span > 0, span, 1), torch.zeros_like(row))
+    return MethodOutput(row.to(emb.tokens.dtype), logits.detach(), t)

@@ -129,6 +129,9 @@ def run(
             row = trace.attn[last].mean(dim=1)[:, trace.row_of(0)]
         return MethodOutput(row, trace.logits, t)
 
+    if method == "attention_gradcam" and enc.modality == "text" and backend != "torch":
+        return fused.gradcam_text(enc, emb, target, check_target, backend)
+
     if method == "attention_gradcam":
         # Text GradCAM normalizes over the whole last attention matrix: it needs every row.
         pooled = enc.modality == "vision"

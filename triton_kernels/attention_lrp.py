@@ -287,6 +287,52 @@ def _attn_bwd_q_kernel(
         tl.store(ROWSUM + i_bh * NQ + o_m, acc_row.to(ROWSUM.dtype.element_ty), mask=m_m)
 
 
+@triton.jit
+def _attn_weighted_map_kernel(
+    Q, K, LSE, KEEP, W,  # W [B, H]: per-head weights (already divided by H)
+    ROW,  # out: [B, NK] the map's row ``ROW_INDEX``
+    PART,  # out: [B, QTILES, KTILES, 2] min and max of the map over real (query, key) pairs
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
+    CONSTS,  # [scale, …]
+    H, NQ, NK, HEAD_DIM, QTILES, KTILES, ROW_INDEX,
+    HAS_MASK: tl.constexpr, DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One tile of ``E = (Σ_h W_h A_h)⁺`` (attention GradCAM's head-weighted map), heads summed in registers; the
+    tile's min and max over real pairs and, for the tile holding it, the requested row. Never ``[B, H, N, N]``."""
+    i_b = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1)
+    i_n = tl.program_id(2)
+    scale = tl.load(CONSTS)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_m, m_d = o_m < NQ, o_d < HEAD_DIM
+    real_m = m_m
+    if HAS_MASK:
+        real_m = real_m & (tl.load(KEEP + i_b * NK + o_m, mask=m_m, other=0) != 0)
+    m_n = o_n < NK
+    valid_n = m_n
+    if HAS_MASK:
+        valid_n = valid_n & (tl.load(KEEP + i_b * NK + o_n, mask=m_n, other=0) != 0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=DT)
+    for i_h in range(H):
+        b_k = _load_rows(K + i_b * s_kb + i_h * s_kh, o_n, m_n, o_d, m_d, s_kn, MM)
+        b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, MM)
+        b_lse = tl.load(LSE + (i_b * H + i_h) * NQ + o_m, mask=m_m, other=0.0).to(DT)
+        b_sc = _mm(b_q * scale, tl.trans(b_k), MM, DT, PREC)
+        b_p = tl.where(m_m[:, None] & valid_n[None, :], tl.exp(b_sc - b_lse[:, None]), 0.0)
+        acc += tl.load(W + i_b * H + i_h).to(DT) * b_p
+    b_e = tl.maximum(acc, 0.0)
+    real = real_m[:, None] & valid_n[None, :]
+    out = PART + ((i_b * QTILES + i_m) * KTILES + i_n) * 2
+    tl.store(out, tl.min(tl.min(tl.where(real, b_e, float("inf")), axis=1), axis=0).to(PART.dtype.element_ty))
+    tl.store(out + 1, tl.max(tl.max(tl.where(real, b_e, float("-inf")), axis=1), axis=0).to(PART.dtype.element_ty))
+    if (ROW_INDEX >= i_m * BLOCK_M) & (ROW_INDEX < i_m * BLOCK_M + BLOCK_M):
+        b_row = tl.sum(tl.where(o_m[:, None] == ROW_INDEX, b_e, 0.0), axis=0)
+        tl.store(ROW + i_b * NK + o_n, b_row.to(ROW.dtype.element_ty), mask=o_n < NK)
+
+
 # ------------------------------------------------------------------------------------------------ launchers
 
 
@@ -471,3 +517,26 @@ def attention_bwd(
     if want_map:
         result["map"] = mapout
     return result
+
+
+def attention_weighted_map(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, weights: torch.Tensor,
+    key_mask: torch.Tensor | None = None, row: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher; see ``transformer_lrp.ops.attention_weighted_map``."""
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bm, bn, bd = _blocks(nq, nk, d, q.dtype)
+    qtiles, ktiles = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
+    row_out = torch.empty(b, nk, dtype=acc, device=q.device)
+    part = torch.empty(b, qtiles, ktiles, 2, dtype=acc, device=q.device)
+    _attn_weighted_map_kernel[(b, qtiles, ktiles)](
+        q, k, lse, _keep(key_mask, q), (weights.to(acc) / h).contiguous(), row_out, part,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        _constants(scale, h, q.dtype, q.device), h, nq, nk, d, qtiles, ktiles, row,
+        HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=_warps(bd),
+    )
+    return row_out, part[..., 0].amin(dim=(1, 2)), part[..., 1].amax(dim=(1, 2))

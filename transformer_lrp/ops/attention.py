@@ -50,7 +50,7 @@ def attention_qk_relevance(
 # The whole attention (softmax included) as one op, for the fused sweep: the forward keeps O and the row
 # log-sum-exp instead of A; the backward gives gradient, relevance and the per-block map without ``[B, H, N, N]``.
 
-KERNELS = {"attention_forward": ("triton",), "attention_relevance": ("triton",)}
+KERNELS = {"attention_forward": ("triton",), "attention_relevance": ("triton",), "attention_weighted_map": ("triton",)}
 MAP_MODES = (None, "transformer_attribution", "gae", "rollout")
 
 
@@ -229,3 +229,49 @@ class AttentionLRPFunction(torch.autograd.Function):
 def lrp_attention(query, key, value, scale: float, key_mask=None, backend: str | None = None) -> torch.Tensor:
     """Functional form of ``AttentionLRPFunction``: attention forward, relevance backward."""
     return AttentionLRPFunction.apply(query, key, value, scale, key_mask, backend)
+
+
+def attention_weighted_map_ref(query, key, lse, scale, weights, key_mask=None, row=0):
+    """Reference of ``attention_weighted_map`` (materializes ``A``; ``lse`` is not read)."""
+    _, masked = _masked_scores(query, key, scale, key_mask)
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    attn = masked.softmax(dim=-1, dtype=acc)
+    e = (weights.to(acc)[:, :, None, None] * attn).mean(dim=1).clamp(min=0)
+    if key_mask is None:
+        return e[:, row], e.amin(dim=(1, 2)), e.amax(dim=(1, 2))
+    valid = key_mask[:, :, None] & key_mask[:, None, :]
+    lo = torch.where(valid, e, float("inf")).amin(dim=(1, 2))
+    hi = torch.where(valid, e, float("-inf")).amax(dim=(1, 2))
+    return e[:, row], lo, hi
+
+
+@profiled
+def attention_weighted_map(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    weights: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    row: int = 0,
+    backend: str | None = "torch",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The head-weighted attention map of attention GradCAM, ``E = (mean_h w_h A_h)⁺`` (SPEC §4), reduced without
+    forming ``[B, H, N, N]``: one row of it and its per-sample min and max over real (query, key) pairs.
+
+    Args:
+        query, key, lse: the fused forward's ``Q [B,H,NQ,d]`` (unscaled), ``K [B,H,NK,d]`` and row log-sum-exp.
+        scale: the scores' scale.
+        weights: `[B, H]` per-head weights ``w_h``.
+        key_mask: `[B, NK]` bool, True for real tokens (rows and columns; NQ == NK then).
+        row: the query row to return (the CLS row: 0).
+        backend: ``"torch"`` (reference), ``"triton"`` or ``None``.
+
+    Returns:
+        ``(E[:, row] [B, NK], min [B], max [B])`` in float32 (float64 for float64 inputs).
+    """
+    if backend != "torch" and op_backend("attention_weighted_map", KERNELS, (query, key), backend) == "triton":
+        from transformer_lrp.triton_kernels.attention_lrp import attention_weighted_map as launch
+
+        return launch(query, key, lse, scale, weights, key_mask, row)
+    return attention_weighted_map_ref(query, key, lse, scale, weights, key_mask, row)
