@@ -4,6 +4,12 @@
 relevance; the reference divides both by 2. The softmax between them is an identity (SPEC §2.7), and so are the
 ``d^{-1/2}`` scaling and (in the method's rules) the padding-mask add, which is handled by the caller.
 Shapes: ``A [B, H, N, N]``, ``Q, K, V, O [B, H, N, d]``.
+
+Below the two rules (the engine's materialized path): the whole softmax attention as fused ops, each with its
+reference beside it: ``attention_forward`` (keeps ``O`` and the row log-sum-exp), ``attention_relevance``
+(gradient, relevance and the block's head-reduced map in one backward), ``attention_weighted_map`` (GradCAM's
+head-weighted map), and the ``AttentionLRPFunction`` / ``lrp_attention`` autograd form. Kernels:
+``triton_kernels/attention_lrp.py``.
 """
 
 from __future__ import annotations
