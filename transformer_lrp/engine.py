@@ -228,6 +228,11 @@ class Plan:
     pooled_top: bool = False
 
 
+def pooled_rows(enc: EncoderSpec) -> list[int]:
+    """The token positions the head reads (CLS; DeiT also its distillation token)."""
+    return sorted({branch.token for branch in enc.head})
+
+
 @profiled
 def forward(enc: EncoderSpec, emb: Embedded, plan: Plan, backend: str = "torch") -> Trace:
     """``backend`` other than ``"torch"``: attention through the fused op (``O`` and ``lse`` kept, never ``A``);
@@ -241,7 +246,7 @@ def forward(enc: EncoderSpec, emb: Embedded, plan: Plan, backend: str = "torch")
     attn: dict[int, torch.Tensor] = {}
     caches: dict[int, BlockCache] = {}
     track = plan.grad_from is not None
-    top_rows = sorted({branch.token for branch in enc.head}) if plan.pooled_top else None
+    top_rows = pooled_rows(enc) if plan.pooled_top else None
     for i, blk in enumerate(enc.blocks):
         tracked = track and i >= plan.grad_from
         if tracked and i == plan.grad_from:

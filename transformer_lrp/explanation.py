@@ -74,6 +74,11 @@ def min_max(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         big = torch.finfo(x.dtype).max
         lo = torch.where(valid, x, big).amin(dim=dims, keepdim=True)
         hi = torch.where(valid, x, -big).amax(dim=dims, keepdim=True)
+    return scale_to_unit(x, lo, hi)
+
+
+def scale_to_unit(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``(x − lo) / (hi − lo)`` with the extremes given (broadcasting); 0 where ``hi == lo`` (a constant map)."""
     span = hi - lo
     safe_span = torch.where(span > 0, span, torch.ones_like(span))
     return torch.where(span > 0, (x - lo) / safe_span, torch.zeros_like(x))

@@ -18,6 +18,7 @@ Only the gradient of the head (a few small layers) comes from autograd. The same
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -26,58 +27,77 @@ from torch.profiler import record_function
 from transformer_lrp import engine
 from transformer_lrp.adapters.spec import ACTIVATIONS, BlockSpec, Embedded, EncoderSpec
 from transformer_lrp.engine import BlockCache, _merge_heads, _scatter_rows, _split_heads
+from transformer_lrp.explanation import scale_to_unit
 from transformer_lrp.ops import clone_relevance, normalized_add
 from transformer_lrp.ops.attention import attention_relevance, attention_weighted_map
+from transformer_lrp.ops.common import accumulation_dtype
 from transformer_lrp.ops.layernorm import layernorm_relevance
 from transformer_lrp.ops.linear import linear_alpha1beta0_with_grad
 
-FUSED_METHODS = ("transformer_attribution", "gae", "rollout")
-_MAP_MODE = {"transformer_attribution": "transformer_attribution", "gae": "gae"}
+FUSED_METHODS = ("transformer_attribution", "gae", "rollout")  # the first two name their attention map mode too
 
 
 def run(enc: EncoderSpec, emb: Embedded, method: str, target, start_layer: int, normalize_rows: bool,
         check_target, backend: str):
     """``method`` in ``FUSED_METHODS``; returns ``methods.MethodOutput``."""
-    from transformer_lrp.methods import MethodOutput, StreamingRollout, _onehot
+    from transformer_lrp.methods import MethodOutput, _onehot
 
     if method == "rollout":
         return _rollout(enc, emb, target, start_layer, check_target, backend)
 
-    depth = enc.depth
-    key_mask = emb.key_mask
-    top_rows = sorted({branch.token for branch in enc.head})
-    attend = partial(engine._fused_attention, key_mask=key_mask, backend=backend)
-    caches: dict[int, BlockCache] = {}
-    with torch.no_grad(), record_function("tlrp::forward"):
-        x = emb.tokens
-        for i, blk in enumerate(enc.blocks):
-            rows = top_rows if i == depth - 1 else None
-            x, _, cache = engine.block_forward(blk, x, None, i >= start_layer, rows, fused_attention=attend)
-            if cache is not None:
-                caches[i] = cache
-    # The head: a few small layers, differentiated by autograd.
-    trace = engine.Trace(logits=torch.empty(0), top_rows=top_rows)
-    top = x.detach().requires_grad_(True)
-    with torch.enable_grad(), record_function("tlrp::head_gradient"):
-        logits = engine.head_forward(enc, top, trace)
-        t = check_target(logits, target)
-        grad = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), top)[0]
-    logits = logits.detach()
+    top_rows = engine.pooled_rows(enc)
+    x, caches = _forward(enc, emb, start_layer, top_rows, backend)
+    trace, logits, t, grad = _head_gradient(enc, x, top_rows, target, check_target)
     with_relevance = method == "transformer_attribution"
-    # The rollout vector accumulates in float32 (float64 for float64 models), as the kernels do.
-    acc = torch.float64 if emb.tokens.dtype == torch.float64 else torch.float32
-    agg = StreamingRollout(emb.tokens.shape[0], emb.tokens.shape[1], normalize_rows,
-                           emb.tokens.new_empty(0, dtype=acc))
+    agg = _rollout_vector(emb, normalize_rows)
     with torch.no_grad():
         rel = None
         if with_relevance:
             rules = engine.RuleSet.of("method", backend)
             rel = engine.head_relevance(enc, trace, _onehot(logits, t), rules)
         del trace
-        for i in range(depth - 1, start_layer - 1, -1):
-            grad, rel = block_backward(enc.blocks[i], caches.pop(i), grad, rel, key_mask, _MAP_MODE[method], agg,
+        for i in range(enc.depth - 1, start_layer - 1, -1):
+            grad, rel = block_backward(enc.blocks[i], caches.pop(i), grad, rel, emb.key_mask, method, agg,
                                        normalize_rows, through=i > start_layer, backend=backend)
     return MethodOutput(agg.v.to(emb.tokens.dtype), logits, t)
+
+
+def _forward(enc: EncoderSpec, emb: Embedded, keep_from: int, top_rows: list[int] | None, backend: str,
+             keep: Callable[[BlockCache, BlockSpec], object] | None = None) -> tuple[torch.Tensor, dict]:
+    """The forward with the fused attention (no ``A``, no autograd graph): the encoder output and, per block from
+    ``keep_from`` on, its cache (or ``keep(cache, block)``, what of it a method needs). ``top_rows``: the last
+    block computes these rows only."""
+    attend = partial(engine._fused_attention, key_mask=emb.key_mask, backend=backend)
+    kept = {}
+    with torch.no_grad(), record_function("tlrp::forward"):
+        x = emb.tokens
+        for i, blk in enumerate(enc.blocks):
+            rows = top_rows if i == enc.depth - 1 else None
+            x, _, cache = engine.block_forward(blk, x, None, i >= keep_from, rows, fused_attention=attend)
+            if cache is not None:
+                kept[i] = cache if keep is None else keep(cache, blk)
+    return x, kept
+
+
+def _head_gradient(enc: EncoderSpec, x: torch.Tensor, top_rows: list[int] | None, target, check_target):
+    """The head (a few small layers) on the encoder output, differentiated by autograd: ``(trace, logits, target,
+    ∂y_t/∂x)``."""
+    trace = engine.Trace(logits=torch.empty(0), top_rows=top_rows)
+    top = x.detach().requires_grad_(True)
+    with torch.enable_grad(), record_function("tlrp::head_gradient"):
+        logits = engine.head_forward(enc, top, trace)
+        t = check_target(logits, target)
+        grad = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), top)[0]
+    return trace, logits.detach(), t, grad
+
+
+def _rollout_vector(emb: Embedded, normalize_rows: bool):
+    """The streaming-rollout vector, accumulated in float32 (float64 for float64 models), as the kernels do."""
+    from transformer_lrp.methods import StreamingRollout
+
+    acc = accumulation_dtype(emb.tokens.dtype)
+    return StreamingRollout(emb.tokens.shape[0], emb.tokens.shape[1], normalize_rows,
+                            emb.tokens.new_empty(0, dtype=acc))
 
 
 def _linear(x, spec, rel, grad, out, backend):
@@ -197,25 +217,16 @@ def block_backward(
 def _rollout(enc: EncoderSpec, emb: Embedded, target, start_layer: int, check_target, backend: str):
     """Attention rollout (always row-normalized): the fused forward keeps each block's Q, K, V, O and ``lse``,
     then each block's head-mean ``A`` is applied to the rollout vector inside the kernel, top-down."""
-    from transformer_lrp.methods import MethodOutput, StreamingRollout
+    from transformer_lrp.methods import MethodOutput
 
-    depth = enc.depth
-    top_rows = sorted({branch.token for branch in enc.head})
-    attend = partial(engine._fused_attention, key_mask=emb.key_mask, backend=backend)
-    kept = {}
-    with torch.no_grad(), record_function("tlrp::forward"):
-        x = emb.tokens
-        for i, blk in enumerate(enc.blocks):
-            x, _, c = engine.block_forward(blk, x, None, i >= start_layer, top_rows if i == depth - 1 else None,
-                                           fused_attention=attend)
-            if c is not None:  # only what the map needs
-                kept[i] = (c.q, c.k, c.v, c.out, c.lse, c.rows, blk.scale)
-        trace = engine.Trace(logits=torch.empty(0), top_rows=top_rows)
-        logits = engine.head_forward(enc, x, trace)
+    top_rows = engine.pooled_rows(enc)
+    x, kept = _forward(enc, emb, start_layer, top_rows, backend,  # only what the map needs
+                       keep=lambda c, blk: (c.q, c.k, c.v, c.out, c.lse, c.rows, blk.scale))
+    with torch.no_grad():
+        logits = engine.head_forward(enc, x, engine.Trace(logits=torch.empty(0), top_rows=top_rows))
         t = check_target(logits, target)
-        acc = torch.float64 if emb.tokens.dtype == torch.float64 else torch.float32
-        agg = StreamingRollout(emb.tokens.shape[0], emb.tokens.shape[1], True, emb.tokens.new_empty(0, dtype=acc))
-        for i in range(depth - 1, start_layer - 1, -1):
+        agg = _rollout_vector(emb, True)
+        for i in range(enc.depth - 1, start_layer - 1, -1):
             q, k, v, out, lse, rows, scale = kept.pop(i)
             res = attention_relevance(q, k, v, out, lse, scale, key_mask=emb.key_mask, map_mode="rollout",
                                       rollout=agg.v if rows is None else agg.v[:, rows], normalize_rows=True,
@@ -231,21 +242,13 @@ def gradcam_text(enc: EncoderSpec, emb: Embedded, target, check_target, backend:
     from transformer_lrp.methods import MethodOutput
 
     last = enc.depth - 1
-    attend = partial(engine._fused_attention, key_mask=emb.key_mask, backend=backend)
-    with torch.no_grad(), record_function("tlrp::forward"):
-        x = emb.tokens
-        for i, blk in enumerate(enc.blocks):  # the whole last block: the map spans every row
-            x, _, cache = engine.block_forward(blk, x, None, i == last, None, fused_attention=attend)
-    trace = engine.Trace(logits=torch.empty(0))
-    top = x.detach().requires_grad_(True)
-    with torch.enable_grad(), record_function("tlrp::head_gradient"):
-        logits = engine.head_forward(enc, top, trace)
-        t = check_target(logits, target)
-        grad = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), top)[0]
+    x, caches = _forward(enc, emb, last, None, backend)  # the whole last block: the map spans every row
+    _, logits, t, grad = _head_gradient(enc, x, None, target, check_target)
+    cache = caches[last]
     blk = enc.blocks[last]
     with torch.no_grad():
         d_ctx = to_attention_output(blk, cache, grad, None, backend)[0]
-        acc = torch.float64 if emb.tokens.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(emb.tokens.dtype)
         d_out, value = _split_heads(d_ctx, blk.num_heads, blk.head_dim).to(acc), cache.v.to(acc)
         if emb.key_mask is None:
             count = torch.full((d_out.shape[0], 1), float(d_out.shape[2] * value.shape[2]), dtype=acc,
@@ -258,6 +261,5 @@ def gradcam_text(enc: EncoderSpec, emb: Embedded, target, check_target, backend:
         weights = (sum_do * sum_v).sum(-1) / count  # [B, H]
         row, lo, hi = attention_weighted_map(cache.q, cache.k, cache.lse, blk.scale, weights, emb.key_mask, 0,
                                              backend=backend)
-        span = (hi - lo)[:, None]
-        row = torch.where(span > 0, (row - lo[:, None]) / torch.where(span > 0, span, 1), torch.zeros_like(row))
-    return MethodOutput(row.to(emb.tokens.dtype), logits.detach(), t)
+        row = scale_to_unit(row, lo[:, None], hi[:, None])
+    return MethodOutput(row.to(emb.tokens.dtype), logits, t)

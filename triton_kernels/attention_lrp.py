@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from transformer_lrp.triton_kernels._common import safe_div
 
-from transformer_lrp.ops.common import EPS, safe_divide
+from transformer_lrp.ops.common import EPS, accumulation_dtype, safe_divide
 from transformer_lrp.ops.residual import normalized_add_factors
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces inf − inf
@@ -386,7 +386,7 @@ def _constants(scale: float, heads: int, dtype: torch.dtype, device) -> torch.Te
     """``[scale, eps·scale, 1/H, eps]`` as a tensor of the compute dtype: a Python float argument would reach a
     compiled kernel as float32, which float64 inputs cannot afford. Cached per (scale, heads, dtype, device): a
     fresh host-to-device copy per call would synchronize the stream (and break CUDA-graph capture)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     key = (float(scale), int(heads), acc, str(device))
     hit = _CONSTANTS.get(key)
     if hit is None:
@@ -413,7 +413,7 @@ def attention_fwd(
     nk = k.shape[2]
     if out is None:
         out = torch.empty_like(q)
-    lse = torch.empty(b, h, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=accumulation_dtype(q.dtype), device=q.device)
     bm, bn, bd = _blocks(nq, nk, d, q.dtype)
     _attn_fwd_kernel[(b * h, triton.cdiv(nq, bm))](
         q, k, v, _keep(key_mask, q), out, lse,
@@ -439,7 +439,7 @@ def attention_bwd(
     need_grad, need_rel = inputs and grad_out is not None, inputs and rel_out is not None
     mode = MAP_MODES[map_mode]
     rolling = rollout is not None and mode != MAP_NONE
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     dummy = q.new_empty(1)
 
     def new(*shape, dtype=q.dtype):
@@ -527,7 +527,7 @@ def attention_weighted_map(
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     bm, bn, bd = _blocks(nq, nk, d, q.dtype)
     qtiles, ktiles = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
     row_out = torch.empty(b, nk, dtype=acc, device=q.device)

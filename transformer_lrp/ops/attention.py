@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from transformer_lrp._backend import op_backend
-from transformer_lrp.ops.common import EPS, profiled, safe_divide
+from transformer_lrp.ops.common import EPS, accumulation_dtype, profiled, safe_divide
 
 
 @profiled
@@ -73,7 +73,7 @@ def attention_forward_ref(
     """``(O, lse)``: ``O = softmax(scale·Q Kᵀ, padded keys masked) V``; ``lse`` the rows' log-sum-exp (float32 for
     half inputs). Reference of ``attention_forward`` (materializes ``[B, H, NQ, NK]``)."""
     _, masked = _masked_scores(query, key, scale, key_mask)
-    acc = torch.float32 if masked.dtype in (torch.float16, torch.bfloat16) else masked.dtype
+    acc = accumulation_dtype(masked.dtype)
     lse = masked.to(acc).logsumexp(dim=-1)
     attn = masked.softmax(dim=-1, dtype=acc).to(query.dtype)
     return attn @ value, lse
@@ -134,7 +134,7 @@ def attention_relevance_ref(
             r_query, r_key = attention_qk_relevance(query, key, scores, r_scores, scale)
             result.update(rel_query=r_query, rel_key=r_key, rel_value=r_value)
     if map_mode is not None:
-        acc = torch.float64 if query.dtype == torch.float64 else torch.float32  # the map accumulates in fp32+
+        acc = accumulation_dtype(query.dtype)
         if map_mode == "rollout":
             e = attn.to(acc).mean(dim=1)
         else:
@@ -240,7 +240,7 @@ def lrp_attention(query, key, value, scale: float, key_mask=None, backend: str |
 def attention_weighted_map_ref(query, key, lse, scale, weights, key_mask=None, row=0):
     """Reference of ``attention_weighted_map`` (materializes ``A``; ``lse`` is not read)."""
     _, masked = _masked_scores(query, key, scale, key_mask)
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(query.dtype)
     attn = masked.softmax(dim=-1, dtype=acc)
     e = (weights.to(acc)[:, :, None, None] * attn).mean(dim=1).clamp(min=0)
     if key_mask is None:

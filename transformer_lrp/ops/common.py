@@ -23,6 +23,11 @@ def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> torch.Ten
     return torch.div(a, den).masked_fill_(b == 0, 0)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where maps, statistics and sums accumulate: float64 for float64 inputs, float32 otherwise (half included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def profiled(fn):
     """Label every call of a relevance op as ``tlrp::<name>`` for ``torch.profiler`` (the per-op breakdown of
     ``bench/bench_explain.py --profile``); costs a microsecond when no profiler runs."""
