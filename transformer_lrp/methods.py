@@ -52,16 +52,10 @@ class StreamingRollout:
     def update(self, e: torch.Tensor, rows: list[int] | None = None) -> None:
         """``e``: `[B, N, N]`, or `[B, len(rows), N]` when only ``rows`` of it are known (the pooled top block:
         valid there because ``v`` is still ``e_CLS``, zero outside those rows)."""
-        if rows is None:
-            v = self.v / (1 + e.sum(dim=-1)) if self.normalize else self.v
-            self.v = v + (v.unsqueeze(1) @ e).squeeze(1)
-            return
-        v_rows = self.v[:, rows]
+        v_rows = self.v if rows is None else self.v[:, rows]
         if self.normalize:
             v_rows = v_rows / (1 + e.sum(dim=-1))
-        v = self.v.clone()
-        v[:, rows] = v_rows
-        self.v = v + (v_rows.unsqueeze(1) @ e).squeeze(1)
+        self.apply(v_rows, (v_rows.unsqueeze(1) @ e).squeeze(1), rows)
 
     def apply(self, v_rows: torch.Tensor, product: torch.Tensor, rows: list[int] | None = None) -> None:
         """The update from its two parts, computed elsewhere (the fused attention backward): ``v_rows``, the
