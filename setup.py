@@ -50,6 +50,8 @@ setup(
     # triton_kernels/ is installed as transformer_lrp.triton_kernels (the top-level name belongs to triton-lang)
     packages=find_packages(include=["transformer_lrp", "transformer_lrp.*"]) + ["transformer_lrp.triton_kernels"],
     package_dir={"transformer_lrp.triton_kernels": "triton_kernels"},
+    # the demo's trained parts (4.2 MB, rebuilt by scripts/build_demo_models.py)
+    package_data={"transformer_lrp.demo": ["*.pt", "*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
@@ -58,6 +60,7 @@ setup(
     extras_require={
         "models": ["timm>=1.0", "transformers>=4.40", "safetensors"],
         "eval": ["scikit-image>=0.22", "tqdm", "onnx>=1.15"],
+        "captum": ["captum>=0.7"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "transformers>=4.40", "safetensors",
                  "scikit-image>=0.22", "scikit-learn>=1.3", "tqdm"],
     },

@@ -11,3 +11,14 @@ def on_device(obj):
     if isinstance(obj, dict):
         return {k: v.to(DEVICE) for k, v in obj.items()}
     return obj.to(DEVICE)
+
+
+def skip_fp64_attention_on_gpu(dtype) -> None:
+    """On a GPU, float64 attention is routed to the torch reference (``_backend.FP64_PRODUCTS``): an explicit
+    ``backend="triton"`` refuses it, so the float64 cases of the attention kernel tests run on the CPU only."""
+    import pytest
+
+    from transformer_lrp._backend import FP64_PRODUCTS
+
+    if DEVICE.type == "cuda" and dtype == torch.float64:
+        pytest.skip(FP64_PRODUCTS)

@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Triton kernels run under the interpreter on a CPU machine; the flag must be set before a kernel module is
-# imported (decoration decides compiled vs interpreted). The engine's sweep is unaffected (it runs backend="torch").
+# imported (decoration decides compiled vs interpreted). explain's default backend (torch) is unaffected.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

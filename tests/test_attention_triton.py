@@ -4,7 +4,7 @@ and dispatch."""
 
 import pytest
 import torch
-from _device import DEVICE
+from _device import DEVICE, skip_fp64_attention_on_gpu
 from _poison import nan_buffers
 
 from transformer_lrp.ops.attention import (
@@ -50,6 +50,7 @@ def _close(out, ref, tol, name):
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_forward_matches_reference(shape, masked, dtype, monkeypatch):
+    skip_fp64_attention_on_gpu(dtype)
     q, k, v, key_mask = _inputs(shape, dtype, masked)[:4]
     ref_o, ref_lse = attention_forward(q, k, v, 0.37, key_mask, backend="torch")
     with nan_buffers(monkeypatch):
@@ -74,10 +75,12 @@ def test_forward_matches_reference(shape, masked, dtype, monkeypatch):
         dict(map_mode="gae", mask_add=False, normalize_rows=True),
         dict(map_mode="rollout", mask_add=False, normalize_rows=True),
         dict(map_mode=None, mask_add=True, mask_add_normalized=False),
+        dict(map_mode="partial_lrp", mask_add=True, mask_add_normalized=False, normalize_rows=False),
     ],
-    ids=["ta_maskadd", "ta_norm", "gae_norm", "rollout", "baseline_maskadd"],
+    ids=["ta_maskadd", "ta_norm", "gae_norm", "rollout", "baseline_maskadd", "partial_lrp"],
 )
 def test_backward_matches_reference(shape, setting, dtype, monkeypatch):
+    skip_fp64_attention_on_gpu(dtype)
     q, k, v, key_mask, d_o, r_o, roll = _inputs(shape, dtype, masked=True)
     o, lse = attention_forward(q, k, v, 0.37, key_mask, backend="torch")
     kw = dict(grad_out=d_o, rel_out=r_o, key_mask=key_mask, rollout=roll, want_map=True, **setting)
@@ -85,7 +88,7 @@ def test_backward_matches_reference(shape, setting, dtype, monkeypatch):
         kw.update(grad_out=None, rollout=None, want_map=False)
     if setting["map_mode"] in ("gae", "rollout"):
         kw["rel_out"] = None
-    if setting["map_mode"] == "rollout":
+    if setting["map_mode"] in ("rollout", "partial_lrp"):  # no gradient needed
         kw["grad_out"] = None
     ref = attention_relevance(q, k, v, o, lse, 0.37, backend="torch", **kw)
     with nan_buffers(monkeypatch):
@@ -107,6 +110,7 @@ def test_backward_matches_reference(shape, setting, dtype, monkeypatch):
 
 def test_backward_map_only_and_gradient_only():
     """The reduced launches (the lowest block's map only; the gradient only) equal the reference's."""
+    skip_fp64_attention_on_gpu(torch.float64)
     q, k, v, key_mask, d_o, r_o, roll = _inputs(SHAPES[0], torch.float64, masked=True)
     o, lse = attention_forward(q, k, v, 0.5, key_mask)
     cases = [dict(grad_out=d_o, rel_out=r_o, map_mode="transformer_attribution", rollout=roll, inputs=False),
@@ -148,14 +152,21 @@ def test_reference_rules_by_hand():
     e = ((d_o @ v.transpose(-1, -2)) * r_a).clamp(min=0).mean(1)
     torch.testing.assert_close(out["map"], e)
     torch.testing.assert_close(out["rollout_product"], (roll[:, None] @ e)[:, 0])
-    # gradients: those of O = softmax(scale·QKᵀ) V
-    qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
-    ((((qq * scale) @ kk.transpose(-1, -2)).softmax(-1) @ vv) * d_o).sum().backward()
-    for name, leaf in (("grad_query", qq), ("grad_key", kk), ("grad_value", vv)):
-        torch.testing.assert_close(out[name], leaf.grad)
+    # gradients: those of O = softmax(scale·QKᵀ) V by autograd, also with padded keys
+    key_mask = torch.tensor([[True, True, True, False]], device=DEVICE)
+    masked = attention_relevance_ref(q, k, v, o, lse, scale, grad_out=d_o, key_mask=key_mask)
+    for mask, res in ((None, out), (key_mask, masked)):
+        qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
+        sc = (qq * scale) @ kk.transpose(-1, -2)
+        if mask is not None:
+            sc = sc.masked_fill(~mask[:, None, None, :], float("-inf"))
+        ((sc.softmax(-1) @ vv) * d_o).sum().backward()
+        for name, leaf in (("grad_query", qq), ("grad_key", kk), ("grad_value", vv)):
+            torch.testing.assert_close(res[name], leaf.grad)
 
 
 def test_function_backward_returns_relevance():
+    skip_fp64_attention_on_gpu(torch.float64)
     q, k, v, key_mask, _, r_o, _ = _inputs(SHAPES[2], torch.float64, masked=True)
     for backend in ("torch", "triton"):
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
@@ -229,6 +240,7 @@ SQUARE = [s for s in SHAPES if s[2] == s[3]]
 @pytest.mark.parametrize("shape", SQUARE, ids=["x".join(map(str, s)) for s in SQUARE])
 def test_weighted_map_matches_reference(shape, masked, dtype, monkeypatch):
     """GradCAM's head-weighted map: the kernel's CLS row, min and max against the reference."""
+    skip_fp64_attention_on_gpu(dtype)
     q, k, v, key_mask = _inputs(shape, dtype, masked)[:4]
     _, lse = attention_forward(q, k, v, 0.37, key_mask)
     weights = torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)

@@ -135,3 +135,33 @@ def test_non_finite_logits_are_reported():
         model.head.weight[0, 0] = float("inf")
     with pytest.raises(tl.InputError, match="logits are not finite"):
         tl.explain(model, M.images(1))
+
+
+@pytest.mark.parametrize("method", tl.METHODS)
+def test_explain_inside_no_grad_and_inference_mode(vit, bert, method):
+    """The most common inference wrappers just work, and change nothing."""
+    for model, inputs in ((vit, M.images(2)), (bert, M.text_batch((7, 4)))):
+        ref = tl.explain(model, inputs, method=method)
+        with torch.no_grad():
+            quiet = tl.explain(model, inputs, method=method)
+        with torch.inference_mode():
+            inference_inputs = inputs.clone() if torch.is_tensor(inputs) else {k: v.clone() for k, v in inputs.items()}
+            inferred = tl.explain(model, inference_inputs, method=method)
+        for out in (quiet, inferred):
+            torch.testing.assert_close(out.relevance, ref.relevance, rtol=0, atol=0)
+            assert torch.equal(out.target, ref.target)
+
+
+def test_model_built_under_inference_mode_is_refused_with_advice():
+    with torch.inference_mode():
+        model = M.timm_vit()
+    with pytest.raises(tl.InputError, match="inference tensors .* outside inference_mode"):
+        tl.explain(model, M.images(1))
+
+
+def test_empty_batch(vit, bert):
+    with pytest.raises(tl.InputError, match="empty batch"):
+        tl.explain(vit, M.images(1)[:0])
+    ids = torch.zeros(0, 5, dtype=torch.long)
+    with pytest.raises(tl.InputError, match="input_ids is empty"):
+        tl.explain(bert, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})

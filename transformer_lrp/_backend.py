@@ -1,20 +1,28 @@
 """Backend choice: ``backend="torch" | "triton" | "cuda" | None`` per call, or the ``TLRP_BACKEND`` variable.
 
-``torch`` is the reference path and runs everywhere (CPU/GPU, float64 included). ``triton`` runs transformer
-attribution, GAE and rollout through the fused sweep (``fused.py``: flash-style attention relevance, LayerNorm +
-residual, α1β0 Linear kernels), full LRP through the engine with the fused attention and its relevance kernel,
-text GradCAM through the head-weighted map kernel, and the methods that read one block's pooled rows through the
-reference; it needs CUDA tensors or ``TRITON_INTERPRET=1``. ``cuda``
+Every explanation runs the same sweep (``sweep.py``); the backend chooses the ops under it. ``torch``: the
+reference ops, everywhere (CPU/GPU, float64 included). ``triton``: the kernels (flash-style attention with its
+relevance backward and head-weighted map, LayerNorm + residual, normalized add, α1β0 Linear passes); it needs CUDA
+tensors or ``TRITON_INTERPRET=1``. ``cuda``
 is the CUDA C++ extension (``csrc/``, ``torch.ops.tlrp``): it holds the normalized add and the LayerNorm
 relevance, so it serves single ops (``ops.normalized_add(backend="cuda")``), not a whole explanation.
 ``None``/``auto`` picks ``torch`` for ``explain`` until the kernels have been validated on a GPU (per op:
 ``triton`` where it can run). An explicit backend that cannot run raises ``NotImplementedError`` naming every
 reason. No device is queried at import.
+
+Inside an explanation, an op whose Triton kernel cannot take the tensors while the rest of the sweep can is
+routed to its torch reference (``route``, warned once, the reason from ``not_supported_reasons(..., op=...)``):
+float64 attention on a GPU is the one such case.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+
+import torch
+
+from transformer_lrp._target import interpreting, stands_for_gpu
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "TLRP_BACKEND"
@@ -25,12 +33,23 @@ def _choice(requested: str | None) -> str:
     return requested if requested is not None else os.environ.get(ENV_VAR, "auto") or "auto"
 
 
-def not_supported_reasons(backend: str, tensors: tuple = ()) -> list[str]:
-    """Why ``explain`` cannot run ``backend`` on these input tensors (empty: it can)."""
+# The ops whose Triton kernels multiply tiles with tl.dot (the attention); the others are elementwise.
+PRODUCT_OPS = ("attention_forward", "attention_relevance", "attention_weighted_map")
+FP64_PRODUCTS = (
+    "float64 tile products on a GPU: Triton's fp64 MMA lowering fails for some tile layouts (Triton 3.8 asserts "
+    "'Currently fp64 don't support largeK MMA' for the attention kernels with a padding mask, "
+    "bench/compile_check.py) and runs far below cuBLAS's DGEMM, so float64 attention on a GPU runs the torch "
+    "reference op; the elementwise kernels (LayerNorm, adds, the α1β0 passes) run in float64"
+)
+
+
+def not_supported_reasons(backend: str, tensors: tuple = (), op: str | None = None) -> list[str]:
+    """Why ``backend`` cannot run on these input tensors (empty: it can): for a whole ``explain`` (``op=None``),
+    or for one op of the sweep (e.g. ``"attention_relevance"``)."""
     if backend == "torch":
         return []
     if backend == "triton":
-        return _triton_reasons(tensors)
+        return _triton_reasons(tensors) + (_triton_op_reasons(op, tensors) if op is not None else [])
     if backend == "cuda":
         return ["the CUDA C++ extension holds only the normalized add and the LayerNorm relevance (single ops: "
                 "ops.normalized_add / ops.layernorm_relevance with backend='cuda'); explain the whole model with "
@@ -64,10 +83,33 @@ def _triton_reasons(tensors: tuple) -> list[str]:
         import triton  # noqa: F401
     except ImportError as exc:
         reasons.append(f"triton is not importable ({exc})")
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if any(not t.is_cuda for t in tensors) and not interpreting:
+    if any(not stands_for_gpu(t) for t in tensors) and not interpreting():
         reasons.append("inputs are on the CPU and TRITON_INTERPRET=1 is not set")
     return reasons
+
+
+def _triton_op_reasons(op: str, tensors: tuple) -> list[str]:
+    # CUDA tensors, or meta tensors standing for them in the compile check (CPU tensors run the interpreter)
+    if op in PRODUCT_OPS and any(stands_for_gpu(t) and t.dtype == torch.float64 for t in tensors):
+        return [FP64_PRODUCTS]
+    return []
+
+
+_ROUTED: set[tuple[str, str]] = set()
+
+
+def route(op: str, backend: str, tensors: tuple) -> str:
+    """The backend an explanation running on ``backend`` uses for ``op``: the same, or ``"torch"`` where that op's
+    kernel cannot take these tensors (warned once per op and reason)."""
+    if backend != "triton":
+        return backend
+    reasons = _triton_op_reasons(op, tensors)
+    if not reasons:
+        return backend
+    if (op, reasons[0]) not in _ROUTED:
+        _ROUTED.add((op, reasons[0]))
+        warnings.warn(f"{op} runs on the torch reference: {reasons[0]}", stacklevel=3)
+    return "torch"
 
 
 def _cuda_reasons(tensors: tuple) -> list[str]:
@@ -113,7 +155,7 @@ def op_backend(op: str, kernels: dict[str, tuple[str, ...]], tensors: tuple, req
     """
     choice = _choice(requested)
     if choice == "auto":
-        if "triton" in kernels.get(op, ()) and not _triton_reasons(tensors):
+        if "triton" in kernels.get(op, ()) and not _triton_reasons(tensors) + _triton_op_reasons(op, tensors):
             return "triton"
         return "torch"
     reasons = []
@@ -123,7 +165,7 @@ def op_backend(op: str, kernels: dict[str, tuple[str, ...]], tensors: tuple, req
         if choice not in kernels.get(op, ()):
             reasons.append(f"no {choice} kernel for {op}")
         if choice == "triton":
-            reasons += _triton_reasons(tensors)
+            reasons += _triton_reasons(tensors) + _triton_op_reasons(op, tensors)
         if choice == "cuda":
             reasons += _cuda_reasons(tensors)
     if reasons:

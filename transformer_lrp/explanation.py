@@ -17,7 +17,7 @@ class Explanation:
             CLS, distillation and register tokens dropped), in grid (row-major) order, ``T = h·w``. Text: every
             token position, padded positions 0, the CLS position per ``cls_relevance``.
         target: `[B]`, the explained class of each sample.
-        logits: `[B, C]`, the model's logits (computed by the engine from the model's own weights).
+        logits: `[B, C]`, the model's logits (computed by the sweep from the model's own weights).
         method: the method's name.
         modality: ``"vision"`` or ``"text"``.
         grid_size: `(h, w)` of the patch grid (vision).

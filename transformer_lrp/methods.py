@@ -1,21 +1,24 @@
-"""Methods: how each explanation is aggregated from the engine's per-block outputs (SPEC §3–5).
+"""Methods (SPEC §3–5): what each explanation asks of the sweep (``sweep.py``), and how it turns the result into a
+row over tokens.
 
-Every method yields the CLS row over all tokens ``[B, N]`` (the API then drops prefix tokens for vision and
-applies the text conventions). Rollout-style products are streamed top-down: the output is one row of
-``C = M⁽ᴸ⁻¹⁾ ⋯ M⁽ˢ⁾``, so the row vector ``v`` (start ``e_CLS``) is updated ``v ← v·M⁽ᵇ⁾`` as the sweep passes
-block ``b``, and no ``[B, N, N]`` product is ever formed.
+Every method yields the CLS row over all tokens ``[B, N]`` (the API then drops prefix tokens for vision and applies
+the text conventions). Rollout-style products are streamed top-down inside the attention op, so no ``[B, N, N]``
+product and no attention map is ever kept; every method runs the same forward and reverse pass on any backend.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
-from transformer_lrp import engine, fused
+from transformer_lrp import sweep
+from transformer_lrp._backend import route
+from transformer_lrp._numerics import accumulation_dtype
 from transformer_lrp.adapters.spec import Embedded, EncoderSpec
-from transformer_lrp.explanation import min_max
-from transformer_lrp.ops import z_add
+from transformer_lrp.explanation import min_max, scale_to_unit
+from transformer_lrp.ops import attention_weighted_map, z_add
 
 METHODS = (
     "transformer_attribution",
@@ -41,28 +44,24 @@ class MethodOutput:
     patch_tokens: torch.Tensor | None = None  # full LRP, vision: [B, P]
 
 
-class StreamingRollout:
-    """``v ← v · M`` with ``M = I + E`` (or ``(I + E) / rowsum`` when normalizing), starting at ``e_CLS``."""
+class ClsRowOfMap:
+    """One block's map read at the CLS row, ``e_CLS·Ē`` (raw attention, partial LRP): the attention op's rollout
+    product with ``v = e_CLS``, in the place of a ``sweep.StreamingRollout``."""
 
-    def __init__(self, batch: int, tokens: int, normalize: bool, like: torch.Tensor):
-        self.v = torch.zeros(batch, tokens, dtype=like.dtype, device=like.device)
-        self.v[:, 0] = 1
-        self.normalize = normalize
+    def __init__(self, like: torch.Tensor):
+        self._seed = sweep.StreamingRollout(like)
+        self.row: torch.Tensor | None = None
 
-    def update(self, e: torch.Tensor, rows: list[int] | None = None) -> None:
-        """``e``: `[B, N, N]`, or `[B, len(rows), N]` when only ``rows`` of it are known (the pooled top block:
-        valid there because ``v`` is still ``e_CLS``, zero outside those rows)."""
-        v_rows = self.v if rows is None else self.v[:, rows]
-        if self.normalize:
-            v_rows = v_rows / (1 + e.sum(dim=-1))
-        self.apply(v_rows, (v_rows.unsqueeze(1) @ e).squeeze(1), rows)
+    def rows(self, rows: list[int] | None) -> torch.Tensor:
+        return self._seed.rows(rows)
 
     def apply(self, v_rows: torch.Tensor, product: torch.Tensor, rows: list[int] | None = None) -> None:
-        """The update from its two parts, computed elsewhere (the fused attention backward): ``v_rows``, the
-        (normalized) ``v`` at the map's rows, and ``product = v_rows · E`` `[B, N]`."""
-        v = v_rows.to(self.v.dtype) if rows is None else self.v.clone().index_copy_(
-            1, torch.tensor(rows, device=self.v.device), v_rows.to(self.v.dtype))
-        self.v = v + product.to(self.v.dtype)
+        self.row = product
+
+
+def _attention_only(c: sweep.BlockCache, blk) -> sweep.BlockCache:
+    # what a map without gradient or relevance reads (rollout, raw attention): the rest is dropped at once
+    return replace(c, x=None, proj_out=None, mid=None, fc1_out=None, fc2_out=None)
 
 
 def run(
@@ -72,124 +71,109 @@ def run(
     target: torch.Tensor | None,
     start_layer: int,
     normalize_rows: bool,
-    check_target,
+    check_target: Callable,
     backend: str = "torch",
+    observe: Callable[[str, torch.Tensor], None] | None = None,
 ) -> MethodOutput:
-    """Run ``method``; ``check_target(logits, target)`` validates/resolves the target once logits exist."""
-    L = enc.depth
-    last = L - 1
-    b, n = emb.tokens.shape[:2]
+    """Run ``method``; ``check_target(logits, target)`` validates/resolves the target once logits exist.
+    ``observe(where, R)`` (tests): the relevance after the head and after each block, for the LRP methods."""
+    last = enc.depth - 1
+    method_rules = sweep.Rules(method=True, backend=backend)
+    baseline_rules = sweep.Rules(method=False, backend=backend)
 
-    if method in fused.FUSED_METHODS and backend != "torch":
-        return fused.run(enc, emb, method, target, start_layer, normalize_rows, check_target, backend)
+    if method in ("transformer_attribution", "gae"):
+        # Ē = mean_h (∇A ⊙ R_A)⁺ (transformer attribution) or mean_h (∇A ⊙ A)⁺ (GAE), blocks ≥ start_layer
+        x, caches, rows = sweep.forward(enc, emb, start_layer, True, backend)
+        logits, head, t, grad = sweep.head_gradient(enc, x, rows, target, check_target)
+        rel = None
+        if method == "transformer_attribution":
+            with torch.no_grad():
+                rel = sweep.head_relevance(enc, head, logits, t, method_rules)
+            if observe is not None:
+                observe("head", rel)
+        rollout = sweep.StreamingRollout(emb.tokens)
+        sweep.reverse(enc, caches, grad, rel, emb.key_mask, method_rules, method, rollout, normalize_rows,
+                      start_layer, observe)
+        return MethodOutput(rollout.v.to(emb.tokens.dtype), logits, t)
 
-    if method == "transformer_attribution":
-        trace = engine.forward(enc, emb, engine.Plan(grad_from=start_layer, attn_from=start_layer,
-                                                     cache_from=start_layer, pooled_top=True))
-        t = check_target(trace.logits, target)
-        grads = engine.attention_gradients(trace, t, list(range(start_layer, L)))
-        agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
-
-        def on_block(i: int, r_attn: torch.Tensor) -> None:
-            # in place: the gradient is used once and dropped
-            agg.update(grads.pop(i).mul_(r_attn).clamp_(min=0).mean(dim=1), _rows(trace, i, L))
-
-        engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "method", start_layer, on_block, backend=backend)
-        return MethodOutput(agg.v, trace.logits.detach(), t)
-
-    if method == "gae":
-        trace = engine.forward(enc, emb, engine.Plan(grad_from=start_layer, attn_from=start_layer, pooled_top=True))
-        t = check_target(trace.logits, target)
-        grads = engine.attention_gradients(trace, t, list(range(start_layer, L)))
-        agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
+    if method in ("rollout", "raw_attention"):
+        # rollout: M = (I + mean_h A) / rowsum over blocks ≥ start_layer; raw attention: the last block's mean_h A
+        first = start_layer if method == "rollout" else last
+        x, caches, rows = sweep.forward(enc, emb, first, True, backend, keep=_attention_only)
         with torch.no_grad():
-            for i in range(last, start_layer - 1, -1):
-                agg.update(grads.pop(i).mul_(trace.attn.pop(i)).clamp_(min=0).mean(dim=1), _rows(trace, i, L))
-        return MethodOutput(agg.v, trace.logits.detach(), t)
-
-    if method == "rollout":
-        with torch.no_grad():
-            trace = engine.forward(enc, emb, engine.Plan(attn_from=start_layer, pooled_top=True))
-            t = check_target(trace.logits, target)
-            agg = StreamingRollout(b, n, True, emb.tokens)
-            for i in range(last, start_layer - 1, -1):
-                agg.update(trace.attn.pop(i).mean(dim=1), _rows(trace, i, L))
-        return MethodOutput(agg.v, trace.logits, t)
-
-    if method == "raw_attention":
-        with torch.no_grad():
-            trace = engine.forward(enc, emb, engine.Plan(attn_from=last, pooled_top=True))
-            t = check_target(trace.logits, target)
-            row = trace.attn[last].mean(dim=1)[:, trace.row_of(0)]
-        return MethodOutput(row, trace.logits, t)
-
-    if method == "attention_gradcam" and enc.modality == "text" and backend != "torch":
-        return fused.gradcam_text(enc, emb, target, check_target, backend)
+            logits, _ = sweep.head_forward(enc, x, rows)
+        t = check_target(logits, target)
+        acc = sweep.StreamingRollout(emb.tokens) if method == "rollout" else ClsRowOfMap(emb.tokens)
+        sweep.reverse(enc, caches, None, None, emb.key_mask, method_rules, "rollout", acc, method == "rollout",
+                      first)
+        row = acc.v if method == "rollout" else acc.row
+        return MethodOutput(row.to(emb.tokens.dtype), logits, t)
 
     if method == "attention_gradcam":
-        # Text GradCAM normalizes over the whole last attention matrix: it needs every row.
-        pooled = enc.modality == "vision"
-        trace = engine.forward(enc, emb, engine.Plan(grad_from=last, attn_from=last, pooled_top=pooled))
-        t = check_target(trace.logits, target)
-        grad = engine.attention_gradients(trace, t, [last])[last]
-        with torch.no_grad():
-            row = _gradcam_row(enc, emb, trace.attn[last].detach(), grad, trace.row_of(0))
-        return MethodOutput(row, trace.logits.detach(), t)
+        return _attention_gradcam(enc, emb, target, check_target, method_rules)
 
     if method == "partial_lrp":
+        # the last block's mean_h (R_A)⁺ at the CLS row, R_A under the baselines' rules
+        x, caches, rows = sweep.forward(enc, emb, last, True, backend)
         with torch.no_grad():
-            trace = engine.forward(enc, emb, engine.Plan(cache_from=last, pooled_top=True))
-        t = check_target(trace.logits, target)
-        maps: dict[int, torch.Tensor] = {}
-        engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", last,
-                               lambda i, r: maps.__setitem__(i, r))
-        return MethodOutput(maps[last].clamp(min=0).mean(dim=1)[:, trace.row_of(0)], trace.logits, t)
+            logits, head = sweep.head_forward(enc, x, rows)
+            t = check_target(logits, target)
+            rel = sweep.head_relevance(enc, head, logits, t, baseline_rules)
+        acc = ClsRowOfMap(emb.tokens)
+        sweep.reverse(enc, caches, None, rel, emb.key_mask, baseline_rules, "partial_lrp", acc, False, last, observe)
+        return MethodOutput(acc.row.to(emb.tokens.dtype), logits, t)
 
     if method == "full_lrp":
-        # Non-reference backends: the fused attention forward (no A kept for any block) and its relevance kernel.
+        # the baselines' rules all the way to the input: pixels (vision) or token embeddings (text)
+        x, caches, rows = sweep.forward(enc, emb, 0, True, backend)
         with torch.no_grad():
-            trace = engine.forward(enc, emb, engine.Plan(cache_from=0, pooled_top=True), backend)
-        t = check_target(trace.logits, target)
-        r_in = engine.relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", -1, backend=backend)
+            logits, head = sweep.head_forward(enc, x, rows)
+            t = check_target(logits, target)
+            rel = sweep.head_relevance(enc, head, logits, t, baseline_rules)
+        if observe is not None:
+            observe("head", rel)
+        _, r_in = sweep.reverse(enc, caches, None, rel, emb.key_mask, baseline_rules, None, None, False, -1,
+                                observe)
         with torch.no_grad():
             tokens, patches = emb.to_input(r_in, z_add)
         if enc.modality == "vision":
-            return MethodOutput(torch.empty(0), trace.logits, t, pixels=tokens, patch_tokens=patches)
-        return MethodOutput(tokens, trace.logits, t)
+            return MethodOutput(torch.empty(0), logits, t, pixels=tokens, patch_tokens=patches)
+        return MethodOutput(tokens, logits, t)
 
     raise AssertionError(method)  # validated by the API
 
 
-def _rows(trace: engine.Trace, block: int, depth: int) -> list[int] | None:
-    """The rows the block's maps hold: the pooled tokens for the last block when it was computed for them only."""
-    return trace.top_rows if block == depth - 1 else None
-
-
-def _onehot(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    onehot = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-    onehot.scatter_(1, target[:, None], 1.0)
-    return onehot
-
-
-def _gradcam_row(enc: EncoderSpec, emb: Embedded, attn: torch.Tensor, grad: torch.Tensor, cls_row: int) -> torch.Tensor:
-    """Attention GradCAM (SPEC §4): per-head weights from the gradient, weighted head mean, ReLU, min–max.
-
-    Vision averages the gradient over the CLS row's patch columns; text over the whole (real-token) matrix.
-    """
-    if enc.modality == "vision":
-        p = enc.num_prefix_tokens
-        w = grad[:, :, cls_row, p:].mean(dim=-1)  # [B, H]
-        cam = (w[:, :, None] * attn[:, :, cls_row, p:]).mean(dim=1).clamp(min=0)  # [B, P]
-        row = torch.zeros(attn.shape[0], attn.shape[-1], dtype=attn.dtype, device=attn.device)
-        row[:, p:] = min_max(cam, None)
-        return row
-    mask = emb.key_mask
-    if mask is None:
-        w = grad.mean(dim=(-1, -2))
-        valid = None
-    else:
-        valid = (mask[:, :, None] & mask[:, None, :])  # [B, N, N]
-        count = valid.sum(dim=(-1, -2)).to(grad.dtype)[:, None]
-        w = (grad * valid[:, None]).sum(dim=(-1, -2)) / count
-    cam = (w[:, :, None, None] * attn).mean(dim=1).clamp(min=0)  # [B, N, N]
-    return min_max(cam, valid)[:, 0]
+def _attention_gradcam(enc: EncoderSpec, emb: Embedded, target, check_target, rules: sweep.Rules) -> MethodOutput:
+    """Attention GradCAM (SPEC §4): per-head weights ``w_h`` = the mean of ``∇A_h`` (vision: over the CLS row's
+    patch columns; text: over the real (query, key) pairs), the map ``(mean_h w_h A_h)⁺``, min–max. ``∇A = dO Vᵀ``
+    makes the weights closed-form means of ``dO`` and ``V``, and the weighted map comes from its own op, so no
+    ``[B, H, N, N]`` is formed. Vision reads the CLS row of the pooled top block; text normalizes over the whole
+    matrix, so its last block computes every row."""
+    vision = enc.modality == "vision"
+    last = enc.depth - 1
+    x, caches, rows = sweep.forward(enc, emb, last, vision, rules.backend)
+    logits, head, t, grad = sweep.head_gradient(enc, x, rows, target, check_target)
+    c, blk = caches[last], enc.blocks[last]
+    with torch.no_grad():
+        d_ctx = sweep.to_attention_output(blk, c, grad, None, rules)[0]
+        acc = accumulation_dtype(emb.tokens.dtype)
+        d_out, value = sweep.split_heads(d_ctx, blk.num_heads, blk.head_dim).to(acc), c.v.to(acc)
+        backend = route("attention_weighted_map", rules.backend, (c.q,))
+        if vision:
+            p, cls = enc.num_prefix_tokens, head.row_of(0)
+            weights = (d_out[:, :, cls] * value[:, :, p:].mean(2)).sum(-1)  # [B, H]
+            row = attention_weighted_map(c.q, c.k, c.lse, blk.scale, weights, None, cls, backend=backend)[0]
+            out = torch.zeros_like(row)
+            out[:, p:] = min_max(row[:, p:])
+            return MethodOutput(out.to(emb.tokens.dtype), logits, t)
+        if emb.key_mask is None:
+            count = torch.full((d_out.shape[0], 1), float(d_out.shape[2] * value.shape[2]), dtype=acc,
+                               device=d_out.device)
+            sum_do, sum_v = d_out.sum(2), value.sum(2)
+        else:
+            real = emb.key_mask[:, None, :, None].to(acc)
+            count = emb.key_mask.sum(1, keepdim=True).to(acc) ** 2
+            sum_do, sum_v = (d_out * real).sum(2), (value * real).sum(2)
+        weights = (sum_do * sum_v).sum(-1) / count  # [B, H]
+        row, lo, hi = attention_weighted_map(c.q, c.k, c.lse, blk.scale, weights, emb.key_mask, 0, backend=backend)
+        return MethodOutput(scale_to_unit(row, lo[:, None], hi[:, None]).to(emb.tokens.dtype), logits, t)

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from transformer_lrp.ops.common import EPS
+from transformer_lrp._numerics import EPS
 
 EPS_C = tl.constexpr(EPS)  # the reference's denominator offset, a compile-time constant
 EPS2_C = tl.constexpr(2 * EPS)

@@ -11,29 +11,34 @@ The backward recomputes ``P = exp(sc − lse)`` tile by tile and forms, with ``d
   relevance  ``R_A = P ⊙ (hS Vᵀ)``, ``R_V = V ⊙ (Pᵀ hS)``; the softmax is an identity, the BERT mask add a z-rule
              (``R_sc = sc ⊙ safe_divide(R_A, sc)``, its per-sample normalization applied by the launcher), then
              ``T = safe_divide(R_sc, sc, eps·scale)``, ``R_Q = Q ⊙ (T K)·scale/2``, ``R_K = K ⊙ (Tᵀ Q)·scale/2``;
-  the map    ``E = (dP ⊙ R_A)⁺`` (transformer attribution) or ``(dP ⊙ P)⁺`` (GAE), reduced in the kernel: the
-             streaming-rollout product ``Σ_i w_i E_ij`` per key and head, the row sums ``Σ_j E_ij`` per query
-             and head, or (on request) the head mean ``[B, Nq, Nk]`` accumulated atomically.
+  the map    ``E = (dP ⊙ R_A)⁺`` (transformer attribution), ``(dP ⊙ P)⁺`` (GAE), ``P`` (rollout) or ``R_A⁺``
+             (partial LRP), reduced in the kernel: the streaming-rollout product ``Σ_i w_i E_ij`` per key and
+             head, the row sums ``Σ_j E_ij`` per query and head, or (on request) the head mean ``[B, Nq, Nk]``
+             accumulated atomically.
 ``_attn_bwd_kv_kernel`` (grid: key tiles × B·H) owns ``dK, dV, R_K, R_V`` and the rollout product;
 ``_attn_bwd_q_kernel`` (grid: query tiles × B·H) owns ``dQ, R_Q`` and the row sums.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from transformer_lrp.triton_kernels._common import safe_div
+from transformer_lrp.triton_kernels._launch import Candidate, candidate, launch
 
-from transformer_lrp.ops.common import EPS, accumulation_dtype, safe_divide
-from transformer_lrp.ops.residual import normalized_add_factors
+from transformer_lrp._numerics import EPS, accumulation_dtype, normalized_add_factors, safe_divide
+from transformer_lrp._target import device_arch, interpreting, tf32_products
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces inf − inf
 
-MAP_NONE, MAP_TA, MAP_GAE, MAP_ATTN = 0, 1, 2, 3
-MAP_MODES = {None: MAP_NONE, "transformer_attribution": MAP_TA, "gae": MAP_GAE, "rollout": MAP_ATTN}
+MAP_NONE, MAP_TA, MAP_GAE, MAP_ATTN, MAP_REL = 0, 1, 2, 3, 4
+# Sizes the kernels only compare against (masks, loop bounds): not specialized on their value (1, or divisibility
+# by 16), so a new sequence length or head count reuses the compiled kernel. Strides stay specialized.
+_SIZES = ("H", "NQ", "NK", "HEAD_DIM")
+MAP_MODES = {None: MAP_NONE, "transformer_attribution": MAP_TA, "gae": MAP_GAE, "rollout": MAP_ATTN,
+             "partial_lrp": MAP_REL}
+_NEEDS_RA = (MAP_TA, MAP_REL)  # maps that read R_A
 
 
 @triton.jit
@@ -81,7 +86,7 @@ def _query_tile(Q, DO, HS, LSE, DELTA, i_b, i_h, i_bh, o_m, m_m, o_d, m_d, s_qb,
     return b_q, b_lse, b_do, b_hs, b_delta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _attn_fwd_kernel(
     Q, K, V, KEEP, OUT, LSE,  # Q [B,H,NQ,d], K/V [B,H,NK,d] (last stride 1), KEEP [B,NK] int8, OUT like Q,
     # LSE [B,H,NQ]
@@ -152,25 +157,27 @@ def _score_factor(b_sc, b_ra, eps, eps_scale, MASK_ADD: tl.constexpr):
 
 @triton.jit
 def _map_tile(b_p, b_dp, b_ra, MAP: tl.constexpr):
-    # MAP 1: transformer attribution (∇A ⊙ R_A)⁺; MAP 2: GAE (∇A ⊙ A)⁺; MAP 3: rollout, A itself
+    # MAP 1: transformer attribution (∇A ⊙ R_A)⁺; 2: GAE (∇A ⊙ A)⁺; 3: rollout, A itself; 4: partial LRP, (R_A)⁺
     b_e = b_p
     if MAP == 1:
         b_e = tl.maximum(b_dp * b_ra, 0.0)
     if MAP == 2:
         b_e = tl.maximum(b_dp * b_p, 0.0)
+    if MAP == 4:
+        b_e = tl.maximum(b_ra, 0.0)
     return b_e
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _attn_bwd_kv_kernel(
     Q, K, V, DO, HS, LSE, DELTA, KEEP, W,  # DO, HS like Q; LSE, DELTA [B,H,NQ]; W [B,NQ] rollout weights / H
     DK, DV, RK, RV,  # outputs like K (contiguous [B,H,NK,d])
     ROLL,  # out: [B,H,NK] Σ_i W_i E_ij
-    SUMS,  # out: [B,H,KTILES,2] partial Σ R_sc (z-rule share) and Σ R_A (mask add normalization)
+    SUMS,  # out: [B,H,NK,2] per key Σ_i R_sc (z-rule share) and Σ_i R_A (the mask add's normalization)
     MAPOUT,  # out (atomic): [B,NQ,NK] head mean of E
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_hb, s_hh, s_hn,
     CONSTS,  # [scale, eps·scale, 1/H, eps] in the compute dtype (a float argument would be float32 on a GPU)
-    H, NQ, NK, HEAD_DIM, KTILES,
+    H, NQ, NK, HEAD_DIM,
     HAS_MASK: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_REL: tl.constexpr,
     MAP: tl.constexpr, ROLLOUT: tl.constexpr, WANT_MAP: tl.constexpr,
     NEED_DP: tl.constexpr, NEED_RA: tl.constexpr,  # dO Vᵀ, and R_A, are needed (gradient / relevance / map)
@@ -230,13 +237,14 @@ def _attn_bwd_kv_kernel(
         tl.store(RK + kv_off, (b_k * acc_rk * (0.5 * scale)).to(RK.dtype.element_ty), mask=m_kv)
         tl.store(RV + kv_off, (b_v * acc_rv).to(RV.dtype.element_ty), mask=m_kv)
         if MASK_ADD:
-            tl.store(SUMS + (i_bh * KTILES + i_n) * 2, tl.sum(sum_u, axis=0).to(SUMS.dtype.element_ty))
-            tl.store(SUMS + (i_bh * KTILES + i_n) * 2 + 1, tl.sum(sum_r, axis=0).to(SUMS.dtype.element_ty))
+            s_ptr = SUMS + (i_bh * NK + o_n) * 2
+            tl.store(s_ptr, sum_u.to(SUMS.dtype.element_ty), mask=m_n)
+            tl.store(s_ptr + 1, sum_r.to(SUMS.dtype.element_ty), mask=m_n)
     if ROLLOUT:
         tl.store(ROLL + i_bh * NK + o_n, acc_roll.to(ROLL.dtype.element_ty), mask=m_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _attn_bwd_q_kernel(
     Q, K, V, DO, HS, LSE, DELTA, KEEP,
     DQ, RQ,  # outputs like Q (contiguous [B,H,NQ,d])
@@ -287,50 +295,54 @@ def _attn_bwd_q_kernel(
         tl.store(ROWSUM + i_bh * NQ + o_m, acc_row.to(ROWSUM.dtype.element_ty), mask=m_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=(*_SIZES, "ROW_INDEX"))
 def _attn_weighted_map_kernel(
     Q, K, LSE, KEEP, W,  # W [B, H]: per-head weights (already divided by H)
     ROW,  # out: [B, NK] the map's row ``ROW_INDEX``
-    PART,  # out: [B, QTILES, KTILES, 2] min and max of the map over real (query, key) pairs
+    PART,  # out: [B, NK, 2] per key, min and max of the map over the real queries (±inf at padded keys)
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
     CONSTS,  # [scale, …]
-    H, NQ, NK, HEAD_DIM, QTILES, KTILES, ROW_INDEX,
+    H, NQ, NK, HEAD_DIM, ROW_INDEX,
     HAS_MASK: tl.constexpr, DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One tile of ``E = (Σ_h W_h A_h)⁺`` (attention GradCAM's head-weighted map), heads summed in registers; the
-    tile's min and max over real pairs and, for the tile holding it, the requested row. Never ``[B, H, N, N]``."""
+    """One key tile of ``E = (Σ_h W_h A_h)⁺`` (attention GradCAM's head-weighted map), heads summed in registers,
+    over all query tiles: the requested row and the per-key min and max over real pairs. Never ``[B, H, N, N]``.
+    (Outputs per key, not per tile, so that the tile sizes are free to tune.)"""
     i_b = tl.program_id(0).to(tl.int64)
-    i_m = tl.program_id(1)
-    i_n = tl.program_id(2)
+    i_n = tl.program_id(1)
     scale = tl.load(CONSTS)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
-    m_m, m_d = o_m < NQ, o_d < HEAD_DIM
-    real_m = m_m
-    if HAS_MASK:
-        real_m = real_m & (tl.load(KEEP + i_b * NK + o_m, mask=m_m, other=0) != 0)
-    m_n = o_n < NK
+    m_n, m_d = o_n < NK, o_d < HEAD_DIM
     valid_n = m_n
     if HAS_MASK:
         valid_n = valid_n & (tl.load(KEEP + i_b * NK + o_n, mask=m_n, other=0) != 0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=DT)
-    for i_h in range(H):
-        b_k = _load_rows(K + i_b * s_kb + i_h * s_kh, o_n, m_n, o_d, m_d, s_kn, MM)
-        b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, MM)
-        b_lse = tl.load(LSE + (i_b * H + i_h) * NQ + o_m, mask=m_m, other=0.0).to(DT)
-        b_sc = _mm(b_q * scale, tl.trans(b_k), MM, DT, PREC)
-        b_p = tl.where(m_m[:, None] & valid_n[None, :], tl.exp(b_sc - b_lse[:, None]), 0.0)
-        acc += tl.load(W + i_b * H + i_h).to(DT) * b_p
-    b_e = tl.maximum(acc, 0.0)
-    real = real_m[:, None] & valid_n[None, :]
-    out = PART + ((i_b * QTILES + i_m) * KTILES + i_n) * 2
-    tl.store(out, tl.min(tl.min(tl.where(real, b_e, float("inf")), axis=1), axis=0).to(PART.dtype.element_ty))
-    tl.store(out + 1, tl.max(tl.max(tl.where(real, b_e, float("-inf")), axis=1), axis=0).to(PART.dtype.element_ty))
-    if (ROW_INDEX >= i_m * BLOCK_M) & (ROW_INDEX < i_m * BLOCK_M + BLOCK_M):
-        b_row = tl.sum(tl.where(o_m[:, None] == ROW_INDEX, b_e, 0.0), axis=0)
-        tl.store(ROW + i_b * NK + o_n, b_row.to(ROW.dtype.element_ty), mask=o_n < NK)
+    lo = tl.full([BLOCK_N], float("inf"), dtype=DT)
+    hi = tl.full([BLOCK_N], float("-inf"), dtype=DT)
+    row = tl.zeros([BLOCK_N], dtype=DT)
+    for start in range(0, NQ, BLOCK_M):
+        o_m = start + tl.arange(0, BLOCK_M)
+        m_m = o_m < NQ
+        real_m = m_m
+        if HAS_MASK:
+            real_m = real_m & (tl.load(KEEP + i_b * NK + o_m, mask=m_m, other=0) != 0)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=DT)
+        for i_h in range(H):
+            b_k = _load_rows(K + i_b * s_kb + i_h * s_kh, o_n, m_n, o_d, m_d, s_kn, MM)
+            b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, MM)
+            b_lse = tl.load(LSE + (i_b * H + i_h) * NQ + o_m, mask=m_m, other=0.0).to(DT)
+            b_sc = _mm(b_q * scale, tl.trans(b_k), MM, DT, PREC)
+            b_p = tl.where(m_m[:, None] & valid_n[None, :], tl.exp(b_sc - b_lse[:, None]), 0.0)
+            acc += tl.load(W + i_b * H + i_h).to(DT) * b_p
+        b_e = tl.maximum(acc, 0.0)
+        real = real_m[:, None] & valid_n[None, :]
+        lo = tl.minimum(lo, tl.min(tl.where(real, b_e, float("inf")), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(real, b_e, float("-inf")), axis=0))
+        row += tl.sum(tl.where(o_m[:, None] == ROW_INDEX, b_e, 0.0), axis=0)
+    tl.store(ROW + i_b * NK + o_n, row.to(ROW.dtype.element_ty), mask=m_n)
+    tl.store(PART + (i_b * NK + o_n) * 2, lo.to(PART.dtype.element_ty), mask=m_n)
+    tl.store(PART + (i_b * NK + o_n) * 2 + 1, hi.to(PART.dtype.element_ty), mask=m_n)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -347,26 +359,98 @@ _MM_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat
 def _mm_dtype(t: torch.Tensor):
     """Operand dtype of the products: the input's (bf16/fp16 tensor cores), but float32 under the interpreter,
     whose ``tl.dot`` has no half-precision path (numpy)."""
-    if t.dtype in (torch.bfloat16, torch.float16) and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if t.dtype in (torch.bfloat16, torch.float16) and interpreting():
         return tl.float32
     return _MM_DTYPES[t.dtype]
 
 
 def _precision(t: torch.Tensor) -> str:
     # float32 inputs follow torch's TF32 switch for matmuls, as the reference path's GEMMs do
-    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return "tf32" if tf32_products(t) else "ieee"
 
 
-def _blocks(nq: int, nk: int, head_dim: int, dtype: torch.dtype, owned: int = 64) -> tuple[int, int, int]:
-    """Tile sizes ``(BLOCK_M, BLOCK_N, BLOCK_D)``: at least 16 (``tl.dot``), at most 64 (32 in float64 or for wide
-    heads); ``owned`` caps the tile a backward program owns (it keeps four ``[tile, d]`` accumulators)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    big = 32 if dtype == torch.float64 or block_d > 64 else 64
-    block_m = min(big, max(16, triton.next_power_of_2(nq)))
-    block_n = min(big, owned, max(16, triton.next_power_of_2(nk)))
-    return block_m, block_n, block_d
+def product_class(t: torch.Tensor) -> str:
+    """How the products run, which decides the tiles: ``half`` (bf16/fp16 tensor cores), ``tf32``, ``ieee``
+    (float32 FMA: operands replicated across threads, the most registers per tile), ``fp64``."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return "half"
+    if t.dtype == torch.float64:
+        return "fp64"
+    return _precision(t)
+
+
+def attention_candidates(kernel: str, products: str, block_d: int, nq: int, nk: int, arch: int,
+                         heavy: bool = False) -> tuple[Candidate, ...]:
+    """Tile candidates of one attention launch, the default first (``_ATTENTION_TILES``, plus ``_SM90_EXTRA`` on
+    Hopper); tiles shrink to the problem (at least 16, for ``tl.dot``) and duplicates are dropped.
+
+    ``kernel``: ``fwd``, ``bwd_q``, ``bwd_kv`` or ``map``. ``arch``: the compute capability (``10·major + minor``;
+    0 under the interpreter). ``heavy``: the key-tile backward carrying gradient and relevance (four
+    ``[BLOCK_N, d]`` accumulators instead of two), which needs smaller tiles.
+    """
+    name = "bwd_kv_heavy" if kernel == "bwd_kv" and heavy else kernel
+    products = "ieee" if products == "fp64" else products
+    width = "wide" if block_d > 64 else "narrow"
+    rows = list(_ATTENTION_TILES[name][products][width])
+    if arch >= 90:
+        rows += _SM90_EXTRA.get(name, {}).get(products, {}).get(width, [])
+    cap_m, cap_n = max(16, triton.next_power_of_2(nq)), max(16, triton.next_power_of_2(nk))
+    out = (candidate(w, st, BLOCK_M=min(bm, cap_m), BLOCK_N=min(bn, cap_n)) for bm, bn, w, st in rows)
+    return tuple(dict.fromkeys(out))
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel, product class and head width (narrow: d ≤ 64, wide: 65–128),
+# default first. Chosen from a compile sweep of each kernel's heaviest variant (bench/compile_check.py, sm_80 and
+# sm_90a): each candidate builds without spills with a margin below 255 registers. float64 shares the IEEE list
+# (it runs only under the interpreter: on a GPU the attention in float64 goes to the torch reference).
+_ATTENTION_TILES = {
+    "fwd": {
+        "half": {"narrow": [(64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 2)],
+                 "wide": [(64, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)]},
+        "tf32": {"narrow": [(64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 3), (128, 16, 8, 2)],
+                 "wide": [(32, 32, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2), (32, 16, 4, 3)]},
+        "ieee": {"narrow": [(16, 32, 4, 1)], "wide": [(16, 32, 8, 1), (64, 16, 8, 1), (16, 16, 8, 1)]},
+    },
+    "map": {
+        "half": {"narrow": [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+                 "wide": [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)]},
+        "tf32": {"narrow": [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+                 "wide": [(32, 32, 8, 2), (64, 16, 8, 2), (64, 32, 8, 2)]},
+        "ieee": {"narrow": [(32, 32, 4, 1), (64, 16, 8, 1), (32, 16, 4, 1)],
+                 "wide": [(32, 32, 8, 1), (16, 32, 8, 1), (64, 16, 8, 1)]},
+    },
+    "bwd_q": {
+        "half": {"narrow": [(128, 16, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2), (64, 32, 8, 2)],
+                 "wide": [(32, 16, 4, 2), (32, 64, 8, 2), (64, 16, 8, 2)]},
+        "tf32": {"narrow": [(64, 16, 8, 2), (32, 16, 8, 2), (16, 32, 4, 2)], "wide": [(16, 32, 4, 2)]},
+        "ieee": {"narrow": [(16, 16, 4, 1)], "wide": [(16, 16, 8, 1), (16, 16, 4, 1)]},
+    },
+    # gradient only (GAE), relevance only (full LRP), or the map alone (the lowest block): two accumulators at most
+    "bwd_kv": {
+        "half": {"narrow": [(16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)], "wide": [(32, 32, 8, 2)]},
+        "tf32": {"narrow": [(32, 32, 4, 2), (16, 32, 4, 2)], "wide": [(16, 32, 8, 2), (16, 16, 8, 2)]},
+        "ieee": {"narrow": [(16, 16, 8, 1), (16, 16, 4, 1), (32, 16, 8, 1)], "wide": [(16, 16, 8, 1), (16, 32, 8, 1)]},
+    },
+    # Gradient and relevance together (transformer attribution): dK, dV, R_K and R_V accumulate over the query tiles
+    # while each tile forms seven products (QKᵀ, dO·Vᵀ, hS·Vᵀ, Pᵀ·dO, Pᵀ·hS, dSᵀ·Q, Tᵀ·Q) and their elementwise
+    # terms. That caps the tiles at 16 queries × 32 keys (16 × 16 for IEEE float32, whose FMA products replicate
+    # operands across threads) for no spill. Splitting it into a gradient pass and a relevance pass would allow
+    # 64 × 64 tiles but recompute three of the seven products and read Q, dO and hS twice; which is faster is for a
+    # GPU to measure (bench/bench_attention.py), so the single pass stays.
+    "bwd_kv_heavy": {
+        "half": {"narrow": [(16, 32, 4, 2), (16, 16, 8, 2)], "wide": [(16, 32, 8, 2)]},
+        "tf32": {"narrow": [(16, 32, 8, 2)], "wide": [(16, 32, 8, 2)]},
+        "ieee": {"narrow": [(16, 16, 8, 1), (16, 16, 4, 1)], "wide": [(16, 16, 8, 1)]},
+    },
+}
+# Hopper only: deeper software pipelines for the forward (more shared memory in flight than on an A100).
+_SM90_EXTRA = {
+    "fwd": {"half": {"narrow": [(128, 64, 8, 4)], "wide": [(128, 64, 8, 3)]}, "tf32": {"narrow": [(64, 64, 4, 3)]}},
+}
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs ≥ 16
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -394,9 +478,11 @@ def _constants(scale: float, heads: int, dtype: torch.dtype, device) -> torch.Te
     return hit
 
 
-def _warps(block_d: int) -> int:
-    # the backward programs hold several [tile, d] accumulators: more warps spread them over more registers
-    return 8 if block_d >= 64 else 4
+def _grid_rows(bh: int, n: int, tile: str):
+    return lambda meta: (bh, triton.cdiv(n, meta[tile]))
+
+
+_SIZE_KEY = ("NQ", "NK", "HEAD_DIM")
 
 
 def attention_fwd(
@@ -414,15 +500,15 @@ def attention_fwd(
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty(b, h, nq, dtype=accumulation_dtype(q.dtype), device=q.device)
-    bm, bn, bd = _blocks(nq, nk, d, q.dtype)
-    _attn_fwd_kernel[(b * h, triton.cdiv(nq, bm))](
-        q, k, v, _keep(key_mask, q), out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        _constants(scale, h, q.dtype, q.device), h, nq, nk, d,
-        HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-    )
+    bd = _block_d(d)
+    launch(
+        _attn_fwd_kernel, _grid_rows(b * h, nq, "BLOCK_M"),
+        (q, k, v, _keep(key_mask, q), out, lse,
+         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+         _constants(scale, h, q.dtype, q.device), h, nq, nk, d),
+        dict(HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q), BLOCK_D=bd),
+        attention_candidates("fwd", product_class(q), bd, nq, nk, device_arch(q.device)), _SIZE_KEY)
     return out, lse
 
 
@@ -450,17 +536,18 @@ def attention_bwd(
         grad_out = _last_dim_contiguous(grad_out)
     if need_grad:
         delta = (grad_out.to(acc) * out.to(acc)).sum(-1).contiguous()
-    if need_rel or mode == MAP_TA:
+    if need_rel or mode in _NEEDS_RA:
         # the G rule's factor of O = A V, halved (SPEC §2.6)
         half_s = safe_divide(rel_out.to(acc), out.to(acc)).mul_(0.5).to(q.dtype).contiguous()
     do = grad_out if grad_out is not None else dummy
     do_strides = (do.stride(0), do.stride(1), do.stride(2)) if do.dim() == 4 else (0, 0, 0)
     hs_strides = (half_s.stride(0), half_s.stride(1), half_s.stride(2)) if half_s.dim() == 4 else (0, 0, 0)
-    bm, bn, bd = _blocks(nq, nk, d, q.dtype)
+    bd = _block_d(d)
+    products, arch = product_class(q), device_arch(q.device)
     keep, consts = _keep(key_mask, q), _constants(scale, h, q.dtype, q.device)
     common = dict(HAS_MASK=key_mask is not None, MASK_ADD=mask_add and need_rel, NEED_GRAD=need_grad,
                   NEED_REL=need_rel, MAP=mode, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q),
-                  BLOCK_D=bd, num_warps=_warps(bd))
+                  BLOCK_D=bd)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), *do_strides, *hs_strides)
     result: dict[str, torch.Tensor] = {}
@@ -471,10 +558,12 @@ def attention_bwd(
         dq = new(b, h, nq, d) if need_grad else dummy
         rq = new(b, h, nq, d) if need_rel else dummy
         rowsum = new(b, h, nq, dtype=acc) if want_rowsum else dummy
-        _attn_bwd_q_kernel[(b * h, triton.cdiv(nq, bm))](
-            q, k, v, do, half_s, lse, delta, keep, dq, rq, rowsum, *strides, consts, h, nq, nk, d,
-            WANT_ROWSUM=want_rowsum, NEED_DP=need_grad or (want_rowsum and mode != MAP_ATTN),
-            NEED_RA=need_rel or (want_rowsum and mode == MAP_TA), BLOCK_M=bm, BLOCK_N=bn, **common)
+        launch(
+            _attn_bwd_q_kernel, _grid_rows(b * h, nq, "BLOCK_M"),
+            (q, k, v, do, half_s, lse, delta, keep, dq, rq, rowsum, *strides, consts, h, nq, nk, d),
+            dict(WANT_ROWSUM=want_rowsum, NEED_DP=need_grad or (want_rowsum and mode in (MAP_TA, MAP_GAE)),
+                 NEED_RA=need_rel or (want_rowsum and mode in _NEEDS_RA), **common),
+            attention_candidates("bwd_q", products, bd, nq, nk, arch), _SIZE_KEY)
         if need_grad:
             result["grad_query"] = dq
         if need_rel:
@@ -487,21 +576,22 @@ def attention_bwd(
         result["rollout_rows"] = weights
         weights = (weights / h).contiguous()
 
-    # Key tiles: dK, dV, R_K, R_V, the rollout product, the mask add's partial sums, the head-mean map.
-    bn_kv = _blocks(nq, nk, d, q.dtype, owned=32)[1]
-    ktiles = triton.cdiv(nk, bn_kv)
+    # Key tiles: dK, dV, R_K, R_V, the rollout product, the mask add's per-key sums, the head-mean map.
     dk, dv = (new(b, h, nk, d), new(b, h, nk, d)) if need_grad else (dummy, dummy)
     rk, rv = (new(b, h, nk, d), new(b, h, nk, d)) if need_rel else (dummy, dummy)
     roll = new(b, h, nk, dtype=acc) if rolling else dummy
-    sums = new(b, h, ktiles, 2, dtype=acc) if (mask_add and need_rel) else dummy
+    sums = new(b, h, nk, 2, dtype=acc) if (mask_add and need_rel) else dummy
     want_map = want_map and mode != MAP_NONE
     mapout = torch.zeros(b, nq, nk, dtype=acc, device=q.device) if want_map else dummy
     if need_grad or need_rel or rolling or want_map:
-        _attn_bwd_kv_kernel[(b * h, ktiles)](
-            q, k, v, do, half_s, lse, delta, keep, weights, dk, dv, rk, rv, roll, sums, mapout, *strides,
-            consts, h, nq, nk, d, ktiles, ROLLOUT=rolling, WANT_MAP=want_map,
-            NEED_DP=need_grad or mode in (MAP_TA, MAP_GAE), NEED_RA=need_rel or mode == MAP_TA, BLOCK_M=bm,
-            BLOCK_N=bn_kv, **common)
+        launch(
+            _attn_bwd_kv_kernel, _grid_rows(b * h, nk, "BLOCK_N"),
+            (q, k, v, do, half_s, lse, delta, keep, weights, dk, dv, rk, rv, roll, sums, mapout, *strides,
+             consts, h, nq, nk, d),
+            dict(ROLLOUT=rolling, WANT_MAP=want_map, NEED_DP=need_grad or mode in (MAP_TA, MAP_GAE),
+                 NEED_RA=need_rel or mode in _NEEDS_RA, **common),
+            attention_candidates("bwd_kv", products, bd, nq, nk, arch, heavy=need_rel and need_grad), _SIZE_KEY,
+            reset=("MAPOUT",) if want_map else ())
     if need_grad:
         result["grad_key"], result["grad_value"] = dk, dv
     if need_rel:
@@ -528,15 +618,14 @@ def attention_weighted_map(
     b, h, nq, d = q.shape
     nk = k.shape[2]
     acc = accumulation_dtype(q.dtype)
-    bm, bn, bd = _blocks(nq, nk, d, q.dtype)
-    qtiles, ktiles = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
+    bd = _block_d(d)
     row_out = torch.empty(b, nk, dtype=acc, device=q.device)
-    part = torch.empty(b, qtiles, ktiles, 2, dtype=acc, device=q.device)
-    _attn_weighted_map_kernel[(b, qtiles, ktiles)](
-        q, k, lse, _keep(key_mask, q), (weights.to(acc) / h).contiguous(), row_out, part,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        _constants(scale, h, q.dtype, q.device), h, nq, nk, d, qtiles, ktiles, row,
-        HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=_warps(bd),
-    )
-    return row_out, part[..., 0].amin(dim=(1, 2)), part[..., 1].amax(dim=(1, 2))
+    part = torch.empty(b, nk, 2, dtype=acc, device=q.device)
+    launch(
+        _attn_weighted_map_kernel, lambda meta: (b, triton.cdiv(nk, meta["BLOCK_N"])),
+        (q, k, lse, _keep(key_mask, q), (weights.to(acc) / h).contiguous(), row_out, part,
+         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+         _constants(scale, h, q.dtype, q.device), h, nq, nk, d, row),
+        dict(HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q), BLOCK_D=bd),
+        attention_candidates("map", product_class(q), bd, nq, nk, device_arch(q.device)), _SIZE_KEY)
+    return row_out, part[..., 0].amin(dim=1), part[..., 1].amax(dim=1)

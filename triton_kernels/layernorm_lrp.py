@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from transformer_lrp.triton_kernels._common import eps_like, from_f64, safe_div_ref
+from transformer_lrp.triton_kernels._common import from_f64, safe_div_ref
+from transformer_lrp.triton_kernels._launch import candidate, launch
 
-from transformer_lrp.ops.residual import normalized_add_factors
+from transformer_lrp._numerics import normalized_add_factors
 
 
 @triton.jit
@@ -34,7 +35,7 @@ def _ln_rel_pass1_kernel(
     DZ, RZ,  # out: [M, D]
     PART,  # out: [M, 3] float64 partial sums (SPLIT)
     D,
-    LN_EPS: tl.constexpr,  # compile-time: a float argument would be float32 on a GPU (one value per model)
+    LN_EPS,  # [1] the LayerNorm's eps in the compute dtype (a float argument would reach a GPU as float32)
     HAS_V: tl.constexpr, HAS_W: tl.constexpr, HAS_GRES: tl.constexpr, HAS_REL: tl.constexpr,
     HAS_RRES: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -50,7 +51,7 @@ def _ln_rel_pass1_kernel(
     # LayerNorm backward (statistics recomputed from z)
     mean = tl.sum(b_z, axis=0) / D
     centered = tl.where(m_d, b_z - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / D + eps_like(mean, LN_EPS))
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / D + tl.load(LN_EPS).to(DT))
     x_hat = centered * rstd
     b_dy = tl.load(G_LN + off, mask=m_d, other=0.0).to(DT)
     if HAS_W:
@@ -72,7 +73,7 @@ def _ln_rel_pass1_kernel(
             tl.store(RZ + off, b_r.to(RZ.dtype.element_ty), mask=m_d)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("ROWS",))  # a new sequence length reuses the kernel
 def _ln_rel_pass2_kernel(
     U, V, R_LN, R_RES, FU, FV,  # FU, FV: [B] float64 per-sample factors
     RU, RV,  # out: [M, D]
@@ -91,6 +92,27 @@ def _ln_rel_pass2_kernel(
     i_b = i_m // ROWS
     tl.store(RU + off, from_f64(b_u.to(tl.float64) * b_s * tl.load(FU + i_b), RU.dtype.element_ty), mask=m_d)
     tl.store(RV + off, from_f64(b_v.to(tl.float64) * b_s * tl.load(FV + i_b), RV.dtype.element_ty), mask=m_d)
+
+
+_EPS: dict[tuple, torch.Tensor] = {}
+
+
+def _eps_tensor(ln_eps: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """The eps as a one-element tensor of the compute dtype, cached (a fresh host-to-device copy per call would
+    synchronize the stream): one compiled kernel serves every eps, exact in float64."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    key = (float(ln_eps), acc, str(device))
+    if key not in _EPS:
+        _EPS[key] = torch.tensor([ln_eps], dtype=acc, device=device)
+    return _EPS[key]
+
+
+def _row_candidates(block_d: int, dt):
+    """One row per program, the whole row in registers: about 8 (float64: 4) values per thread and tensor by
+    default, then twice as many warps (half as many spills for the widest rows). Compile-checked for spills."""
+    per_thread = 4 if dt == tl.float64 else 8
+    default = min(16, max(1, block_d // (32 * per_thread)))
+    return tuple(dict.fromkeys(candidate(w, 1) for w in (default, min(16, 2 * default))))
 
 
 def layernorm_relevance_bwd(
@@ -113,19 +135,20 @@ def layernorm_relevance_bwd(
     dz = torch.empty_like(u2)
     rz = torch.empty_like(u2) if has_rel and not split else dummy
     part = torch.empty(m, 3, dtype=torch.float64, device=u.device) if split else dummy
-    _ln_rel_pass1_kernel[(m,)](
-        u2, v2 if v2 is not None else dummy, weight if weight is not None else dummy, g_ln,
-        g_res if g_res is not None else dummy, r_ln if has_rel else dummy, r_res if r_res is not None else dummy,
-        dz, rz, part, d, LN_EPS=float(ln_eps), HAS_V=v2 is not None, HAS_W=weight is not None,
-        HAS_GRES=g_res is not None, HAS_REL=has_rel, HAS_RRES=r_res is not None, SPLIT=split, DT=dt,
-        BLOCK_D=block_d)
+    rows = _row_candidates(block_d, dt)
+    launch(_ln_rel_pass1_kernel, lambda meta: (m,),
+           (u2, v2 if v2 is not None else dummy, weight if weight is not None else dummy, g_ln,
+            g_res if g_res is not None else dummy, r_ln if has_rel else dummy, r_res if r_res is not None else dummy,
+            dz, rz, part, d, _eps_tensor(ln_eps, u.dtype, u.device)),
+           dict(HAS_V=v2 is not None, HAS_W=weight is not None, HAS_GRES=g_res is not None,
+                HAS_REL=has_rel, HAS_RRES=r_res is not None, SPLIT=split, DT=dt, BLOCK_D=block_d), rows, ("D",))
     if not has_rel:
         return dz.view(shape), None, None
     if not split:
         return dz.view(shape), rz.view(shape), None
     f_u, f_v = normalized_add_factors(*part.view(b, -1, 3).sum(dim=1).unbind(-1))
     r_u, r_v = torch.empty_like(u2), torch.empty_like(u2)
-    _ln_rel_pass2_kernel[(m,)](u2, v2, r_ln, r_res if r_res is not None else dummy, f_u.contiguous(),
-                               f_v.contiguous(), r_u, r_v, d, m // b, HAS_RRES=r_res is not None, DT=dt,
-                               BLOCK_D=block_d)
+    launch(_ln_rel_pass2_kernel, lambda meta: (m,),
+           (u2, v2, r_ln, r_res if r_res is not None else dummy, f_u.contiguous(), f_v.contiguous(), r_u, r_v, d,
+            m // b), dict(HAS_RRES=r_res is not None, DT=dt, BLOCK_D=block_d), rows, ("D",))
     return dz.view(shape), r_u.view(shape), r_v.view(shape)

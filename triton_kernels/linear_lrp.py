@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from transformer_lrp.triton_kernels._common import EPS2_C, eps_like
+from transformer_lrp.triton_kernels._launch import candidate, launch
 
 
 @triton.jit
@@ -22,7 +23,6 @@ def _alpha1beta0_scale_kernel(
     BIAS,  # [N] (ignored unless HAS_BIAS)
     R,  # relevance of the output, [M, N]
     S,  # out: S/2, [M, N]
-    M,  # rows
     N,  # output units
     tol2,  # 2 · cancellation tolerance
     HAS_BIAS: tl.constexpr,
@@ -69,6 +69,13 @@ def _alpha1beta0_combine_kernel(
     tl.store(OUT + row + o_k, (b_x * b_sw + tl.abs(b_x) * b_sa).to(OUT.dtype.element_ty), mask=m_k)
 
 
+def _row_candidates(tile: str, width: int):
+    """Elementwise passes over rows of ``width``: a program covers a row (or a 1024-wide chunk of it), default
+    first; the wider chunk with more warps for long rows (the MLP's 3072)."""
+    cap = max(128, triton.next_power_of_2(width))
+    return tuple(dict.fromkeys(candidate(w, 1, **{tile: min(b, cap)}) for b, w in ((1024, 4), (512, 4), (2048, 8))))
+
+
 def linear_alpha1beta0_bwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -77,7 +84,6 @@ def linear_alpha1beta0_bwd(
     bias: torch.Tensor | None,
     abs_weight: torch.Tensor,
     tolerance: float,
-    block: int = 256,
     grad_output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launcher. ``x [..., K]``, ``weight``/``abs_weight [N, K]``, ``relevance``/``output [..., N]`` (``output`` is
@@ -95,8 +101,9 @@ def linear_alpha1beta0_bwd(
     stacked = torch.empty(2 * m if grad_output is not None else m, n, dtype=z_abs.dtype, device=z_abs.device)
     half_s = stacked[:m]
     bias_arg = bias if bias is not None else z_abs  # any pointer: not read without HAS_BIAS
-    _alpha1beta0_scale_kernel[(m, triton.cdiv(n, block))](
-        z_abs, y2, bias_arg, r2, half_s, m, n, 2 * tolerance, HAS_BIAS=bias is not None, FP64=fp64, BLOCK_N=block)
+    launch(_alpha1beta0_scale_kernel, lambda meta: (m, triton.cdiv(n, meta["BLOCK_N"])),
+           (z_abs, y2, bias_arg, r2, half_s, n, 2 * tolerance), dict(HAS_BIAS=bias is not None, FP64=fp64),
+           _row_candidates("BLOCK_N", n), ("N",))
     grad_x = None
     if grad_output is None:
         s_w = half_s @ weight
@@ -105,6 +112,6 @@ def linear_alpha1beta0_bwd(
         s_w, grad_x = (stacked @ weight).split(m)
         grad_x = grad_x.view(shape)
     out = torch.empty_like(x2)
-    _alpha1beta0_combine_kernel[(m, triton.cdiv(k, block))](x2, s_w, half_s @ abs_weight, out, k,
-                                                            FP64=fp64, BLOCK_K=block)
+    launch(_alpha1beta0_combine_kernel, lambda meta: (m, triton.cdiv(k, meta["BLOCK_K"])),
+           (x2, s_w, half_s @ abs_weight, out, k), dict(FP64=fp64), _row_candidates("BLOCK_K", k), ("K",))
     return out.view(shape), grad_x

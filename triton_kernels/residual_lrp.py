@@ -14,11 +14,12 @@ import torch
 import triton
 import triton.language as tl
 from transformer_lrp.triton_kernels._common import from_f64, safe_div_ref, to_f64
+from transformer_lrp.triton_kernels._launch import candidate, launch
 
-from transformer_lrp.ops.residual import normalized_add_factors
+from transformer_lrp._numerics import normalized_add_factors
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("CHUNKS",))
 def _normalized_add_sums_kernel(
     R,  # relevance of u + v, [B, M] (contiguous)
     U,  # first summand, [B, M]
@@ -78,6 +79,10 @@ def _normalized_add_scale_kernel(
     tl.store(RV + base + o_m, from_f64(b_v * b_s * f_v, RV.dtype.element_ty), mask=m_m)
 
 
+# The scale pass is elementwise: a block per program, the default first.
+SCALE_CANDIDATES = (candidate(4, BLOCK=1024), candidate(8, BLOCK=2048))
+
+
 def normalized_add_bwd(
     relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor, block: int = 1024, steps: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +93,11 @@ def normalized_add_bwd(
     m = r2.shape[1]
     chunks = triton.cdiv(m, block * steps)
     partial = torch.empty(b, chunks, 3, dtype=torch.float64, device=r2.device)
-    _normalized_add_sums_kernel[(b, chunks)](r2, u2, v2, partial, m, chunks, BLOCK=block, STEPS=steps)
+    # BLOCK and STEPS fix the partial-sum buffer's size, so only the warps are free
+    launch(_normalized_add_sums_kernel, lambda meta: (b, chunks), (r2, u2, v2, partial, m, chunks),
+           dict(BLOCK=block, STEPS=steps), (candidate(4), candidate(8)), ("M",))
     f_u, f_v = normalized_add_factors(*partial.sum(dim=1).unbind(-1))
     r_u, r_v = torch.empty_like(r2), torch.empty_like(r2)
-    _normalized_add_scale_kernel[(b, triton.cdiv(m, block))](r2, u2, v2, f_u, f_v, r_u, r_v, m, BLOCK=block)
+    launch(_normalized_add_scale_kernel, lambda meta: (b, triton.cdiv(m, meta["BLOCK"])),
+           (r2, u2, v2, f_u, f_v, r_u, r_v, m), {}, SCALE_CANDIDATES, ("M",))
     return r_u.view(shape), r_v.view(shape)

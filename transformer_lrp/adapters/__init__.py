@@ -1,4 +1,4 @@
-"""Adapters: a stock model → an ``EncoderSpec`` the engine runs on. Adding a family means adding one adapter."""
+"""Adapters: a stock model → an ``EncoderSpec`` the sweep runs on. Adding a family means adding one adapter."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ SUPPORTED = (
 
 
 def build_encoder(model: nn.Module) -> EncoderSpec:
-    """Describe ``model`` for the engine, or raise ``UnsupportedModelError`` naming what is not supported."""
+    """Describe ``model`` for the sweep, or raise ``UnsupportedModelError`` naming what is not supported."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
     for adapter in (timm_vit, hf):

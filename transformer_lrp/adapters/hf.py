@@ -3,7 +3,7 @@
 
 Module names differ across transformers releases (4.x ``encoder.layer[i].attention.attention.query`` versus 5.x
 ``layers[i].attention.q_proj`` for ViT); both layouts are read. The model's ``attn_implementation`` does not matter:
-the engine computes attention itself.
+the sweep computes attention itself.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The encoder description that adapters build from a stock model and the engine runs on.
+"""The encoder description that adapters build from a stock model and the sweep runs on.
 
 Every tensor here is a ``detach()``-ed view of the model's own parameter (no copy, no autograd edge to the
 model), so explaining never accumulates ``.grad`` on, or changes ``requires_grad`` of, the user's weights.

@@ -145,6 +145,7 @@ class TextBenchmark:
     texts: list[str]
     labels: torch.Tensor  # [n]: 1 positive, 0 negative
     rationales: list[list[int]] | None = None  # per text, indices of rationale words (whitespace split)
+    ratings: torch.Tensor | None = None  # [n] the mean human rating (movie sentences: -4 … 4)
 
 
 def movie_sentences(split: str = "test", root: Path | None = None, seed: int = 0, test_size: int = 1000,
@@ -156,7 +157,7 @@ def movie_sentences(split: str = "test", root: Path | None = None, seed: int = 0
     idx = order[:test_size] if split == "test" else order[test_size:]
     texts = [rows[i][1] for i in idx]
     labels = torch.tensor([int(rows[i][0] > 0) for i in idx])
-    return TextBenchmark(texts, labels)
+    return TextBenchmark(texts, labels, ratings=torch.tensor([rows[i][0] for i in idx]))
 
 
 _WORD = re.compile(r"^[a-z]+$")

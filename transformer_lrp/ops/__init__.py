@@ -6,21 +6,22 @@ Linear α1β0 (§2.4) and its baseline variant, the patch-embedding z^B rule (§
 (§2.7), the normalized add (§2.8), clone (§2.9) and the CLS select (§2.10).
 
 The ops with kernels (``normalized_add``, ``linear_alpha1beta0[_with_grad]``, ``layernorm_relevance``,
-``attention_forward``/``attention_relevance``) take ``backend="torch" | "triton" | None``. ``lrp_linear``,
-``lrp_add``, ``lrp_add_layernorm`` and ``lrp_attention`` (``LinearLRPFunction``, ``NormalizedAddFunction``,
-``AddLayerNormLRPFunction``, ``AttentionLRPFunction``) are ``torch.autograd.Function``s whose forward is the plain
-op and whose backward returns relevance, usable inside any autograd graph.
+``attention_forward``/``attention_relevance``/``attention_weighted_map``) take ``backend="torch" | "triton" | None``.
+``lrp_linear``, ``lrp_add``, ``lrp_add_layernorm`` and ``lrp_attention`` (``LinearLRPFunction``,
+``NormalizedAddFunction``, ``AddLayerNormLRPFunction``, ``AttentionLRPFunction``) are ``torch.autograd.Function``s
+whose forward is the plain op and whose backward returns relevance, usable inside any autograd graph.
 """
 
+from transformer_lrp._numerics import safe_divide
 from transformer_lrp.ops.attention import (
     AttentionLRPFunction,
     attention_av_relevance,
     attention_forward,
     attention_qk_relevance,
     attention_relevance,
+    attention_weighted_map,
     lrp_attention,
 )
-from transformer_lrp.ops.common import safe_divide
 from transformer_lrp.ops.conv import patch_embed_zb_relevance
 from transformer_lrp.ops.layernorm import AddLayerNormLRPFunction, layernorm_relevance, lrp_add_layernorm
 from transformer_lrp.ops.linear import (
@@ -49,6 +50,7 @@ __all__ = [
     "attention_forward",
     "attention_qk_relevance",
     "attention_relevance",
+    "attention_weighted_map",
     "layernorm_relevance",
     "lrp_add",
     "lrp_add_layernorm",

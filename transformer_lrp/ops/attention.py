@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from transformer_lrp._backend import op_backend
-from transformer_lrp.ops.common import EPS, accumulation_dtype, profiled, safe_divide
+from transformer_lrp._numerics import EPS, accumulation_dtype, safe_divide
+from transformer_lrp.ops.common import profiled
 
 
 @profiled
@@ -56,8 +57,9 @@ def attention_qk_relevance(
 # The whole attention (softmax included) as one op, for the fused sweep: the forward keeps O and the row
 # log-sum-exp instead of A; the backward gives gradient, relevance and the per-block map without ``[B, H, N, N]``.
 
+_HALF = (torch.float16, torch.bfloat16)
 KERNELS = {"attention_forward": ("triton",), "attention_relevance": ("triton",), "attention_weighted_map": ("triton",)}
-MAP_MODES = (None, "transformer_attribution", "gae", "rollout")
+MAP_MODES = (None, "transformer_attribution", "gae", "rollout", "partial_lrp")
 
 
 def _masked_scores(query, key, scale, key_mask):
@@ -107,39 +109,42 @@ def attention_relevance_ref(
     query, key, value, out, lse, scale, grad_out=None, rel_out=None, key_mask=None, mask_add=False, map_mode=None,
     rollout=None, normalize_rows=False, want_map=False, inputs=True, mask_add_normalized=True,
 ) -> dict[str, torch.Tensor]:
-    """Reference of ``attention_relevance``: materializes ``A``; gradients by autograd, relevance by the rules above
-    (``lse`` is not read: ``A`` is recomputed)."""
+    """Reference of ``attention_relevance``: materializes this block's ``A`` (``lse`` is not read) and drops it on
+    return. The gradient of softmax attention written out (``∇A = dO Vᵀ``, ``dS = A ⊙ (∇A − rowsum(∇A ⊙ A))``, as
+    autograd computes it: tests/test_attention_triton.py checks it against autograd), the relevance by the rules
+    above; each ``[B, H, NQ, NK]`` intermediate is freed once used, so only a few are alive at a time."""
     from transformer_lrp.ops.residual import normalized_add_ref, z_add
 
-    with torch.enable_grad():
-        q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
-        scores, masked = _masked_scores(q, k, scale, key_mask)
-        acc = torch.float32 if masked.dtype in (torch.float16, torch.bfloat16) else masked.dtype
-        attn = masked.softmax(dim=-1, dtype=acc).to(q.dtype)
-        o = attn @ v
+    scores, masked = _masked_scores(query, key, scale, key_mask)
+    probs = masked.softmax(dim=-1, dtype=accumulation_dtype(masked.dtype) if masked.dtype in _HALF else None)
+    del masked
+    attn = probs.to(query.dtype)  # half inputs: the products read A in their own dtype, as the model's forward
     result: dict[str, torch.Tensor] = {}
     grad_attn = None
     if grad_out is not None:
-        dq, dk, dv, grad_attn = torch.autograd.grad(o, (q, k, v, attn), grad_out)
+        grad_attn = grad_out @ value.transpose(-1, -2)
         if inputs:
-            result.update(grad_query=dq, grad_key=dk, grad_value=dv)
-    attn, scores = attn.detach(), scores.detach()
-    r_attn = None
-    if rel_out is not None or map_mode == "transformer_attribution":
+            g = grad_attn.to(probs.dtype)
+            d_scores = (g - (g * probs).sum(dim=-1, keepdim=True)).mul_(probs).to(query.dtype)
+            del g
+            result.update(grad_query=(d_scores @ key).mul_(scale),
+                          grad_key=(d_scores.transpose(-1, -2) @ query).mul_(scale),
+                          grad_value=attn.transpose(-1, -2) @ grad_out)
+            del d_scores
+    del probs
+    r_attn = r_value = None
+    if rel_out is not None or map_mode in ("transformer_attribution", "partial_lrp"):
         r_attn, r_value = attention_av_relevance(attn, value, out, rel_out)
-        if rel_out is not None and inputs:
-            r_scores = r_attn
-            if mask_add:
-                r_scores = (normalized_add_ref if mask_add_normalized else z_add)(r_attn, scores, None)[0]
-            r_query, r_key = attention_qk_relevance(query, key, scores, r_scores, scale)
-            result.update(rel_query=r_query, rel_key=r_key, rel_value=r_value)
     if map_mode is not None:
         acc = accumulation_dtype(query.dtype)
         if map_mode == "rollout":
             e = attn.to(acc).mean(dim=1)
-        else:
+        elif map_mode == "partial_lrp":
+            e = r_attn.to(acc).clamp(min=0).mean(dim=1)
+        else:  # (∇A ⊙ R_A)⁺ or (∇A ⊙ A)⁺, in ∇A's own memory (not needed after the map)
             other = r_attn if map_mode == "transformer_attribution" else attn
-            e = (grad_attn.to(acc) * other.to(acc)).clamp(min=0).mean(dim=1)
+            e = grad_attn.to(acc).mul_(other.to(acc)).clamp_(min=0).mean(dim=1)
+        del grad_attn
         if rollout is not None:
             rollout = rollout.to(acc)
             w = rollout / (1 + e.sum(dim=-1)) if normalize_rows else rollout
@@ -147,6 +152,14 @@ def attention_relevance_ref(
             result["rollout_product"] = (w.unsqueeze(1) @ e).squeeze(1)
         if want_map:
             result["map"] = e
+    del attn
+    if rel_out is not None and inputs:
+        r_scores = r_attn
+        if mask_add:
+            r_scores = (normalized_add_ref if mask_add_normalized else z_add)(r_attn, scores, None)[0]
+        del r_attn
+        r_query, r_key = attention_qk_relevance(query, key, scores, r_scores, scale)
+        result.update(rel_query=r_query, rel_key=r_key, rel_value=r_value)
     return result
 
 
@@ -184,7 +197,8 @@ def attention_relevance(
             method's normalized add (its per-sample factor scales ``rel_query`` and ``rel_key``), or by the plain
             z-rule with ``mask_add_normalized=False`` (the baselines' rules).
         map_mode: ``"transformer_attribution"``: ``E = (∇A ⊙ R_A)⁺``; ``"gae"``: ``E = (∇A ⊙ A)⁺``; ``"rollout"``:
-            ``E = A`` (attention rollout, no gradient needed); ``None``: no map.
+            ``E = A`` (attention rollout, no gradient needed); ``"partial_lrp"``: ``E = (R_A)⁺`` (no gradient
+            needed); ``None``: no map.
         rollout: `[B, NQ]` row vector ``v`` of the streaming rollout at this block's query rows: returns
             ``rollout_rows`` (``v``, divided by the row sums of ``I + Ē`` when ``normalize_rows``) and
             ``rollout_product`` `[B, NK]` = ``rollout_rows · Ē`` with ``Ē`` the head mean of ``E``.
@@ -199,8 +213,8 @@ def attention_relevance(
         raise ValueError(f"map_mode must be one of {MAP_MODES}, got {map_mode!r}")
     if map_mode in ("transformer_attribution", "gae") and grad_out is None:
         raise ValueError(f"map_mode={map_mode!r} needs grad_out (∇A = dO Vᵀ)")
-    if map_mode == "transformer_attribution" and rel_out is None:
-        raise ValueError("map_mode='transformer_attribution' needs rel_out (R_A)")
+    if map_mode in ("transformer_attribution", "partial_lrp") and rel_out is None:
+        raise ValueError(f"map_mode={map_mode!r} needs rel_out (R_A)")
     if (rollout is not None or want_map) and map_mode is None:
         raise ValueError("rollout and want_map need a map_mode")
     kwargs = dict(grad_out=grad_out, rel_out=rel_out, key_mask=key_mask, mask_add=mask_add, map_mode=map_mode,

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from transformer_lrp._backend import op_backend
-from transformer_lrp.ops.common import EPS, profiled, safe_divide
+from transformer_lrp._numerics import EPS, safe_divide
+from transformer_lrp.ops.common import profiled
 
 # Backends with a kernel, per op of this module.
 KERNELS = {"linear_alpha1beta0": ("triton",)}

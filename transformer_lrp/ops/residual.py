@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from transformer_lrp._backend import op_backend
-from transformer_lrp.ops.common import profiled, safe_divide
+from transformer_lrp._numerics import normalized_add_factors, safe_divide
+from transformer_lrp.ops.common import profiled
 
 # Backends with a kernel, per op of this module.
 KERNELS = {"normalized_add": ("triton", "cuda")}
@@ -73,15 +74,6 @@ def normalized_add_ref(
     factor_u, factor_v = normalized_add_factors(s_u, s_v, s)
     r_u = r_u.mul_(factor_u)
     return r_u, (None if r_v is None else r_v.mul_(factor_v))
-
-
-def normalized_add_factors(s_u: torch.Tensor, s_v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample factors of the normalized add from the raw z-rule totals ``s_u``, ``s_v`` and ``s = Σ R``:
-    ``f_b / s_b`` with ``f_b = |s_b| / (|s_u| + |s_v|) · s`` (each division a ``safe_divide``, as the reference)."""
-    total = s_u.abs() + s_v.abs()
-    factor_u = safe_divide(safe_divide(s_u.abs(), total) * s, s_u)
-    factor_v = safe_divide(safe_divide(s_v.abs(), total) * s, s_v)
-    return factor_u, factor_v
 
 
 @profiled

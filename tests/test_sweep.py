@@ -1,7 +1,9 @@
-"""The fused sweep (forward without attention maps; gradient and relevance in one reverse sweep) against the
-engine's path, whose attention gradients come from autograd on a materialized forward: with the reference ops
-on every model family (float64), and with the Triton kernels (TRITON_INTERPRET=1 on CPU) on small models."""
+"""The sweep (forward without attention maps; gradient and relevance in one reverse pass) against the autograd
+engine (tests/_autograd_engine.py: a materialized forward, attention gradients by autograd, relevance by hand),
+for every method: with the reference ops on every model family (float64), and with the Triton kernels
+(TRITON_INTERPRET=1 on CPU, compiled on a GPU) on small models."""
 
+import _autograd_engine as engine
 import _models as M
 import pytest
 import torch
@@ -9,7 +11,7 @@ from _device import on_device
 from _poison import nan_buffers
 
 import transformer_lrp as tl
-from transformer_lrp import fused, methods
+from transformer_lrp import methods
 from transformer_lrp.adapters import build_encoder
 
 FAMILIES = {
@@ -31,8 +33,8 @@ SETTINGS = {
 
 
 def _rows(model, inputs, method, setting, backend, target=None):
-    """(engine row, fused row) for one call, without the API's post-processing (on the GPU for the kernels, when
-    there is one)."""
+    """(engine row, sweep row) for one call, without the API's post-processing (on the GPU for the kernels, when
+    there is one); full LRP on vision compares the pixels."""
     if backend != "torch":
         model, inputs = on_device(model), on_device(inputs)
     enc = build_encoder(model)
@@ -42,10 +44,12 @@ def _rows(model, inputs, method, setting, backend, target=None):
     def check_target(logits, t):
         return logits.argmax(-1) if t is None else t
 
-    ref = methods.run(enc, emb, method, target, start, setting["normalize_rows"], check_target, "torch")
-    out = fused.run(enc, emb, method, target, start, setting["normalize_rows"], check_target, backend)
+    ref = engine.run(enc, emb, method, target, start, setting["normalize_rows"], check_target)
+    out = methods.run(enc, emb, method, target, start, setting["normalize_rows"], check_target, backend)
     assert torch.equal(out.target, ref.target)
     torch.testing.assert_close(out.logits, ref.logits)
+    if out.pixels is not None:
+        return ref.pixels, out.pixels
     return ref.row, out.row
 
 
@@ -54,10 +58,13 @@ def _assert_close(out, ref, rel):
     assert err <= rel, f"relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("method", fused.FUSED_METHODS)
+# every method; the layered ones (start_layer, normalize_rows) at every setting
+CALLS = [(m, s) for m in methods.METHODS for s in (SETTINGS if m in methods.LAYERED else ["all_layers"])]
+
+
+@pytest.mark.parametrize("method, setting", CALLS, ids=[f"{m}-{s}" for m, s in CALLS])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_fused_sweep_with_reference_ops_equals_engine(family, method, setting):
+def test_sweep_with_reference_ops_equals_engine(family, method, setting):
     make_model, make_inputs = FAMILIES[family]
     kw = SETTINGS[setting]
     if method == "rollout":  # always row-normalized
@@ -72,41 +79,50 @@ TRITON_CASES = {
 }
 
 
+TRITON_CALLS = [(m, s) for m in methods.METHODS
+                for s in (["all_layers", "from_1_normalized"] if m in methods.LAYERED else ["all_layers"])]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("setting", ["all_layers", "from_1_normalized"])
-@pytest.mark.parametrize("method", fused.FUSED_METHODS)
+@pytest.mark.parametrize("method, setting", TRITON_CALLS, ids=[f"{m}-{s}" for m, s in TRITON_CALLS])
 @pytest.mark.parametrize("name", list(TRITON_CASES))
 def test_triton_explain_equals_torch(name, method, setting, dtype, monkeypatch):
     make_model, make_inputs = TRITON_CASES[name]
     model, inputs = on_device(make_model(dtype)), on_device(make_inputs(dtype))
-    kw = SETTINGS[setting] if method != "rollout" else dict(start_layer=SETTINGS[setting]["start_layer"])
+    kw = SETTINGS[setting] if method in ("transformer_attribution", "gae") else {}
+    if method == "rollout":
+        kw = dict(start_layer=SETTINGS[setting]["start_layer"])
     ref = tl.explain(model, inputs, method=method, **kw)
     with nan_buffers(monkeypatch):  # every uninitialized buffer of the call starts as NaN
         out = tl.explain(model, inputs, method=method, backend="triton", **kw)
     assert torch.equal(out.target, ref.target)
+    fields = ["relevance"] + (["pixel_relevance"] if ref.pixel_relevance is not None else [])  # full LRP: pixels
     if dtype == torch.float64:
-        _assert_close(out.relevance, ref.relevance, 1e-10)
+        for f in fields:
+            _assert_close(getattr(out, f), getattr(ref, f), 1e-10)
         return
     # float32: random tiny models amplify rounding, so both paths are held to the float64 explanation, the kernels
     # within twice the reference path's own error
     exact = tl.explain(on_device(make_model(torch.float64)), on_device(make_inputs(torch.float64)), ref.target,
-                       method=method, **kw).relevance
+                       method=method, **kw)
+    def err(e, f):
+        return float((getattr(e, f).double() - getattr(exact, f)).abs().max() / getattr(exact, f).abs().max())
 
-    def err(r):
-        return float((r.double() - exact).abs().max() / exact.abs().max())
-
-    assert err(out.relevance) <= 2 * err(ref.relevance) + 1e-6, (err(out.relevance), err(ref.relevance))
+    for f in fields:
+        assert err(out, f) <= 2 * err(ref, f) + 1e-6, (f, err(out, f), err(ref, f))
 
 
+@pytest.mark.parametrize("method", ["transformer_attribution", "attention_gradcam", "partial_lrp"])
 @pytest.mark.parametrize("family", ["timm_deit_distilled", "timm_layerscale_registers", "distilbert_padded"])
-def test_triton_sweep_other_families(family):
+def test_triton_sweep_other_families(family, method):
     make_model, make_inputs = FAMILIES[family]
-    ref, out = _rows(make_model(), make_inputs(), "transformer_attribution", SETTINGS["all_layers"], "triton")
+    ref, out = _rows(make_model(), make_inputs(), method, SETTINGS["all_layers"], "triton")
     _assert_close(out, ref, 1e-10)
 
 
 def test_triton_sweep_never_materializes_attention(monkeypatch):
-    """With backend="triton" the reference attention ops (the only code forming [B, H, N, N]) are never called."""
+    """With backend="triton" the reference attention ops (the only code forming [B, H, N, N]) are never called, by
+    any method."""
     import transformer_lrp.ops.attention as attention
 
     def forbidden(*args, **kwargs):
@@ -116,10 +132,9 @@ def test_triton_sweep_never_materializes_attention(monkeypatch):
     monkeypatch.setattr(attention, "attention_relevance_ref", forbidden)
     monkeypatch.setattr(torch.Tensor, "softmax", forbidden)
     model, x = on_device(M.timm_vit(depth=2)), on_device(M.images(2))
-    for method in (*fused.FUSED_METHODS, "full_lrp"):
-        assert torch.isfinite(tl.explain(model, x, method=method, backend="triton").relevance).all()
     bert, text = on_device(M.hf_bert(num_hidden_layers=2)), on_device(M.text_batch((9, 6)))
-    for method in (*fused.FUSED_METHODS, "full_lrp", "attention_gradcam"):
+    for method in methods.METHODS:
+        assert torch.isfinite(tl.explain(model, x, method=method, backend="triton").relevance).all()
         assert torch.isfinite(tl.explain(bert, text, method=method, backend="triton").relevance).all()
 
 

@@ -1,4 +1,11 @@
-"""The engine: one forward that saves what the reverse sweep needs, then one reverse sweep over the blocks.
+"""The test oracle: the autograd engine that ran every explanation before the sweep (``transformer_lrp.sweep``).
+
+It is independent of the sweep where it matters: the forward materializes every block's ``A``, attention gradients
+``∂y_t/∂A`` come from autograd on that forward, relevance is propagated by hand with the reference rules, and each
+method aggregates its maps here (``run``). It was the path matched to the original code (tests/fixtures). It
+stays a test module: ``explain`` runs the sweep only.
+
+The engine: one forward that saves what the reverse sweep needs, then one reverse sweep over the blocks.
 
 The forward recomputes the model from its own parameter tensors (``adapters.spec``), so the model's attention
 implementation, hooks and train/eval mode play no part and are never touched. Attention gradients
@@ -14,17 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 import torch
 
 from transformer_lrp.adapters.spec import ACTIVATIONS, BlockSpec, Embedded, EncoderSpec
+from transformer_lrp.explanation import min_max
 from transformer_lrp.ops import (
     attention_av_relevance,
-    attention_forward,
     attention_qk_relevance,
-    attention_relevance,
     clone_relevance,
     linear_alpha1beta0,
     linear_alpha1beta0_separate,
@@ -45,28 +50,16 @@ class RuleSet:
     linear: Callable
     add: Callable
     normalized_add: bool  # the add rule is the normalized add (else the plain z-rule)
-    backend: str = "torch"
 
     @staticmethod
-    def of(rules: Rules, backend: str = "torch") -> RuleSet:
-        """``backend`` applies to the method's rules and to the attention (the baselines' other rules run the
-        reference)."""
+    def of(rules: Rules) -> RuleSet:
         if rules == "method":
-            return RuleSet(linear=partial(_linear_method, backend=backend), add=partial(_add_method, backend=backend),
-                           normalized_add=True, backend=backend)
-        return RuleSet(linear=_linear_baseline, add=z_add, normalized_add=False, backend=backend)
+            return RuleSet(linear=_linear_method, add=normalized_add, normalized_add=True)
+        return RuleSet(linear=_linear_baseline, add=z_add, normalized_add=False)
 
 
-def _linear_method(x, spec, relevance, y, backend="torch"):
-    return linear_alpha1beta0(x, spec.weight, relevance, output=y, bias=spec.bias, abs_weight=spec.abs_weight,
-                              backend=backend)
-
-
-def _add_method(relevance, u, v, backend="torch"):
-    # The kernel covers two same-shape summands; the padding-mask add (v = 0) runs the reference.
-    if v is None or u.shape != v.shape:
-        backend = "torch"
-    return normalized_add(relevance, u, v, backend=backend)
+def _linear_method(x, spec, relevance, y):
+    return linear_alpha1beta0(x, spec.weight, relevance, output=y, bias=spec.bias, abs_weight=spec.abs_weight)
 
 
 def _linear_baseline(x, spec, relevance, y):
@@ -101,8 +94,6 @@ class BlockCache:
     # Query rows computed (the top block computes only the pooled tokens' rows); None = all. From ``q`` on, the
     # tensors above hold only these rows; ``x``, ``h1``, ``qkv_out``, ``k`` and ``v`` hold all tokens.
     rows: list[int] | None = None
-    # Fused attention (``fused.py``): the rows' log-sum-exp replaces ``scores`` and ``attn`` (then None).
-    lse: torch.Tensor | None = None
 
 
 @dataclass
@@ -116,7 +107,6 @@ class Trace:
     head_inputs: list[list[torch.Tensor]] = field(default_factory=list)  # per branch, input of each head layer
     head_outputs: list[list[torch.Tensor]] = field(default_factory=list)
     branch_logits: list[torch.Tensor] = field(default_factory=list)
-    key_mask: torch.Tensor | None = None  # [B, N] True = real token (the fused attention's padding mask)
 
     def row_of(self, token: int) -> int:
         """Index of ``token`` in the last block's rows (attention rows, output tokens)."""
@@ -139,13 +129,11 @@ def block_forward(
     masked_keys: torch.Tensor | None,
     keep_cache: bool,
     rows: list[int] | None = None,
-    fused_attention: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, BlockCache | None]:
     """Returns ``(output, A, cache)``. ``masked_keys``: `[B, 1, 1, N]` bool, True where the key is padding.
 
     ``rows``: compute the output (and attention rows) of these token positions only: keys and values still come
     from every token. The last block needs only the tokens the head reads.
-    ``fused_attention(q, k, v, scale) -> (O, lse)``: attention without ``A`` (then ``A`` is returned as None).
     """
     h1 = blk.norm1(x) if blk.pre_norm else x
     qkv_out = [lin(h1) for lin in blk.qkv]
@@ -158,16 +146,12 @@ def block_forward(
     x_rows = x
     if rows is not None:
         q, x_rows = q[:, :, rows], x[:, rows]
-    scores = attn = lse = None
-    if fused_attention is not None:
-        out, lse = fused_attention(q, k, v, blk.scale)
-    else:
-        # Scaling q (not the [B, H, N, N] product) saves a buffer; the rules recover the unscaled q kᵀ exactly.
-        scores = (q * blk.scale) @ k.transpose(-1, -2)
-        masked = scores if masked_keys is None else scores.masked_fill(masked_keys, torch.finfo(scores.dtype).min)
-        # Half-precision models get an fp32 softmax (as transformers' eager attention does), cast back.
-        attn = masked.softmax(dim=-1, dtype=torch.float32 if scores.dtype in _HALF else None).to(scores.dtype)
-        out = attn @ v
+    # Scaling q (not the [B, H, N, N] product) saves a buffer; the rules recover the unscaled q kᵀ exactly.
+    scores = (q * blk.scale) @ k.transpose(-1, -2)
+    masked = scores if masked_keys is None else scores.masked_fill(masked_keys, torch.finfo(scores.dtype).min)
+    # Half-precision models get an fp32 softmax (as transformers' eager attention does), cast back.
+    attn = masked.softmax(dim=-1, dtype=torch.float32 if scores.dtype in _HALF else None).to(scores.dtype)
+    out = attn @ v
     ctx = _merge_heads(out)
     proj_out = blk.proj(ctx)
     branch1 = proj_out * blk.ls1 if blk.ls1 is not None else proj_out
@@ -181,15 +165,8 @@ def block_forward(
     cache = None
     if keep_cache:
         cache = BlockCache(x, h1, qkv_out, q, k, v, scores, attn, out, ctx, proj_out, branch1, mid, h2, fc1_out,
-                           act_out, fc2_out, branch2, rows, lse)
+                           act_out, fc2_out, branch2, rows)
     return y, attn, cache
-
-
-def _fused_attention(q, k, v, scale, key_mask, backend):
-    # O written head-interleaved ([B, N, H, d] memory): merging the heads is then a view, not a copy
-    b, h, n, d = q.shape
-    buffer = q.new_empty(b, n, h, d).transpose(1, 2)
-    return attention_forward(q, k, v, scale, key_mask, out=buffer, backend=backend)
 
 
 def head_forward(enc: EncoderSpec, tokens: torch.Tensor, trace: Trace) -> torch.Tensor:
@@ -234,13 +211,7 @@ def pooled_rows(enc: EncoderSpec) -> list[int]:
 
 
 @profiled
-def forward(enc: EncoderSpec, emb: Embedded, plan: Plan, backend: str = "torch") -> Trace:
-    """``backend`` other than ``"torch"``: attention through the fused op (``O`` and ``lse`` kept, never ``A``);
-    only for plans that need neither ``A`` nor its gradient."""
-    fused = None
-    if backend != "torch":
-        assert plan.grad_from is None and plan.attn_from is None, "the fused attention keeps no A"
-        fused = partial(_fused_attention, key_mask=emb.key_mask, backend=backend)
+def forward(enc: EncoderSpec, emb: Embedded, plan: Plan) -> Trace:
     masked = None if emb.key_mask is None else ~emb.key_mask[:, None, None, :]
     x = emb.tokens
     attn: dict[int, torch.Tensor] = {}
@@ -253,12 +224,12 @@ def forward(enc: EncoderSpec, emb: Embedded, plan: Plan, backend: str = "torch")
             x = x.detach().requires_grad_(True)
         with torch.set_grad_enabled(tracked):
             keep = plan.cache_from is not None and i >= plan.cache_from
-            x, a, cache = block_forward(blk, x, masked, keep, top_rows if i == enc.depth - 1 else None, fused)
+            x, a, cache = block_forward(blk, x, masked, keep, top_rows if i == enc.depth - 1 else None)
         if plan.attn_from is not None and i >= plan.attn_from:
             attn[i] = a
         if cache is not None:
             caches[i] = cache
-    trace = Trace(logits=torch.empty(0), attn=attn, caches=caches, top_rows=top_rows, key_mask=emb.key_mask)
+    trace = Trace(logits=torch.empty(0), attn=attn, caches=caches, top_rows=top_rows)
     with torch.set_grad_enabled(track):
         trace.logits = head_forward(enc, x, trace)
     return trace
@@ -305,13 +276,10 @@ def _scatter_rows(t: torch.Tensor, rows: list[int], n: int, dim: int) -> torch.T
 
 def block_relevance(
     blk: BlockSpec, c: BlockCache, relevance: torch.Tensor, rules: RuleSet, through_attention: bool,
-    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Relevance of one block, top-down (SPEC §2.11). Returns ``(R_input or None, R_A)``.
 
     With ``through_attention=False`` the sweep stops at ``R_A`` (all that a method needs from the lowest block).
-    A block from the fused forward (no ``A`` kept) gets its attention relevance from the fused kernel and returns
-    ``R_A = None``; ``key_mask`` is then the padding mask.
     """
     add, linear = rules.add, rules.linear
     # MLP half: the residual add, then fc2, activation (identity), fc1, norm (identity), then the clone.
@@ -330,23 +298,15 @@ def block_relevance(
         r_branch1, r_x_res = add(r_mid, c.branch1, x_rows)
     r_ctx = linear(c.ctx, blk.proj, r_branch1, c.proj_out)
     r_out = _split_heads(r_ctx, blk.num_heads, blk.head_dim)
-    if c.attn is None:  # fused forward: the kernel recomputes A tile by tile
-        if not through_attention:
-            return None, None
-        res = attention_relevance(c.q, c.k, c.v, c.out, c.lse, blk.scale, rel_out=r_out, key_mask=key_mask,
-                                  mask_add=blk.mask_add, mask_add_normalized=rules.normalized_add,
-                                  backend=rules.backend)
-        r_attn, r_q, r_k, r_v = None, res["rel_query"], res["rel_key"], res["rel_value"]
-    else:
-        r_attn, r_v = attention_av_relevance(c.attn, c.v, c.out, r_out)
-        if not through_attention:
-            return None, r_attn
-        r_scores = r_attn  # softmax: identity
-        if blk.mask_add:
-            # BERT adds its padding mask to the scores; the original propagates through that add. At real keys the
-            # mask is 0 and at padded keys R = 0 (A = 0 there), so the mask side never takes relevance.
-            r_scores = add(r_attn, c.scores, None)[0]
-        r_q, r_k = attention_qk_relevance(c.q, c.k, c.scores, r_scores, blk.scale)
+    r_attn, r_v = attention_av_relevance(c.attn, c.v, c.out, r_out)
+    if not through_attention:
+        return None, r_attn
+    r_scores = r_attn  # softmax: identity
+    if blk.mask_add:
+        # BERT adds its padding mask to the scores; the original propagates through that add. At real keys the
+        # mask is 0 and at padded keys R = 0 (A = 0 there), so the mask side never takes relevance.
+        r_scores = add(r_attn, c.scores, None)[0]
+    r_q, r_k = attention_qk_relevance(c.q, c.k, c.scores, r_scores, blk.scale)
     if c.rows is not None:  # back to all tokens: the skipped rows carry no relevance
         r_q = _scatter_rows(r_q, c.rows, r_k.shape[2], dim=2)
         r_x_res = _scatter_rows(r_x_res, c.rows, c.x.shape[1], dim=1)
@@ -368,7 +328,6 @@ def relevance_sweep(
     stop_block: int,
     on_block: Callable[[int, torch.Tensor], None] | None = None,
     on_total: Callable[[str, torch.Tensor], None] | None = None,
-    backend: str = "torch",
 ) -> torch.Tensor | None:
     """Top-down over blocks ``L-1 … stop_block``; ``stop_block=-1`` continues to the encoder input.
 
@@ -376,7 +335,7 @@ def relevance_sweep(
     receives the relevance after the head and after each block. Returns the encoder-input relevance `[B, N, D]`
     when ``stop_block == -1``.
     """
-    rs = RuleSet.of(rules, backend)
+    rs = RuleSet.of(rules)
     with torch.no_grad():
         r = head_relevance(enc, trace, onehot, rs)
         if on_total is not None:
@@ -384,7 +343,7 @@ def relevance_sweep(
         lowest = max(stop_block, 0)
         for i in range(enc.depth - 1, lowest - 1, -1):
             through = i > lowest or stop_block == -1
-            r_in, r_attn = block_relevance(enc.blocks[i], trace.caches[i], r, rs, through, trace.key_mask)
+            r_in, r_attn = block_relevance(enc.blocks[i], trace.caches[i], r, rs, through)
             if on_block is not None:
                 on_block(i, r_attn)
             if r_in is None:
@@ -393,3 +352,156 @@ def relevance_sweep(
             if on_total is not None:
                 on_total(f"block{i}", r)
     return r if stop_block == -1 else None
+
+
+# ------------------------------------------------------------------------------------------- the methods on it
+
+
+@dataclass
+class MethodOutput:
+    row: torch.Tensor
+    logits: torch.Tensor
+    target: torch.Tensor
+    pixels: torch.Tensor | None = None
+    patch_tokens: torch.Tensor | None = None
+
+
+class StreamingRollout:
+    """``v ← v · M`` with ``M = I + E`` (or ``(I + E) / rowsum`` when normalizing), starting at ``e_CLS``."""
+
+    def __init__(self, batch: int, tokens: int, normalize: bool, like: torch.Tensor):
+        self.v = torch.zeros(batch, tokens, dtype=like.dtype, device=like.device)
+        self.v[:, 0] = 1
+        self.normalize = normalize
+
+    def update(self, e: torch.Tensor, rows: list[int] | None = None) -> None:
+        """``e``: `[B, N, N]`, or `[B, len(rows), N]` when only ``rows`` of it are known (the pooled top block:
+        valid there because ``v`` is still ``e_CLS``, zero outside those rows)."""
+        v_rows = self.v if rows is None else self.v[:, rows]
+        if self.normalize:
+            v_rows = v_rows / (1 + e.sum(dim=-1))
+        product = (v_rows.unsqueeze(1) @ e).squeeze(1)
+        v = v_rows if rows is None else self.v.clone().index_copy_(1, torch.tensor(rows, device=self.v.device), v_rows)
+        self.v = v + product
+
+
+def run(
+    enc: EncoderSpec,
+    emb: Embedded,
+    method: str,
+    target: torch.Tensor | None,
+    start_layer: int,
+    normalize_rows: bool,
+    check_target,
+) -> MethodOutput:
+    """The method on the engine; ``check_target(logits, target)`` resolves the target once logits exist."""
+    L = enc.depth
+    last = L - 1
+    b, n = emb.tokens.shape[:2]
+
+    if method == "transformer_attribution":
+        trace = forward(enc, emb, Plan(grad_from=start_layer, attn_from=start_layer,
+                                                     cache_from=start_layer, pooled_top=True))
+        t = check_target(trace.logits, target)
+        grads = attention_gradients(trace, t, list(range(start_layer, L)))
+        agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
+
+        def on_block(i: int, r_attn: torch.Tensor) -> None:
+            # in place: the gradient is used once and dropped
+            agg.update(grads.pop(i).mul_(r_attn).clamp_(min=0).mean(dim=1), _rows(trace, i, L))
+
+        relevance_sweep(enc, trace, _onehot(trace.logits, t), "method", start_layer, on_block)
+        return MethodOutput(agg.v, trace.logits.detach(), t)
+
+    if method == "gae":
+        trace = forward(enc, emb, Plan(grad_from=start_layer, attn_from=start_layer, pooled_top=True))
+        t = check_target(trace.logits, target)
+        grads = attention_gradients(trace, t, list(range(start_layer, L)))
+        agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
+        with torch.no_grad():
+            for i in range(last, start_layer - 1, -1):
+                agg.update(grads.pop(i).mul_(trace.attn.pop(i)).clamp_(min=0).mean(dim=1), _rows(trace, i, L))
+        return MethodOutput(agg.v, trace.logits.detach(), t)
+
+    if method == "rollout":
+        with torch.no_grad():
+            trace = forward(enc, emb, Plan(attn_from=start_layer, pooled_top=True))
+            t = check_target(trace.logits, target)
+            agg = StreamingRollout(b, n, True, emb.tokens)
+            for i in range(last, start_layer - 1, -1):
+                agg.update(trace.attn.pop(i).mean(dim=1), _rows(trace, i, L))
+        return MethodOutput(agg.v, trace.logits, t)
+
+    if method == "raw_attention":
+        with torch.no_grad():
+            trace = forward(enc, emb, Plan(attn_from=last, pooled_top=True))
+            t = check_target(trace.logits, target)
+            row = trace.attn[last].mean(dim=1)[:, trace.row_of(0)]
+        return MethodOutput(row, trace.logits, t)
+
+    if method == "attention_gradcam":
+        # Text GradCAM normalizes over the whole last attention matrix: it needs every row.
+        pooled = enc.modality == "vision"
+        trace = forward(enc, emb, Plan(grad_from=last, attn_from=last, pooled_top=pooled))
+        t = check_target(trace.logits, target)
+        grad = attention_gradients(trace, t, [last])[last]
+        with torch.no_grad():
+            row = _gradcam_row(enc, emb, trace.attn[last].detach(), grad, trace.row_of(0))
+        return MethodOutput(row, trace.logits.detach(), t)
+
+    if method == "partial_lrp":
+        with torch.no_grad():
+            trace = forward(enc, emb, Plan(cache_from=last, pooled_top=True))
+        t = check_target(trace.logits, target)
+        maps: dict[int, torch.Tensor] = {}
+        relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", last,
+                               lambda i, r: maps.__setitem__(i, r))
+        return MethodOutput(maps[last].clamp(min=0).mean(dim=1)[:, trace.row_of(0)], trace.logits, t)
+
+    if method == "full_lrp":
+        with torch.no_grad():
+            trace = forward(enc, emb, Plan(cache_from=0, pooled_top=True))
+        t = check_target(trace.logits, target)
+        r_in = relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", -1)
+        with torch.no_grad():
+            tokens, patches = emb.to_input(r_in, z_add)
+        if enc.modality == "vision":
+            return MethodOutput(torch.empty(0), trace.logits, t, pixels=tokens, patch_tokens=patches)
+        return MethodOutput(tokens, trace.logits, t)
+
+    raise AssertionError(method)  # validated by the API
+
+
+def _rows(trace: Trace, block: int, depth: int) -> list[int] | None:
+    """The rows the block's maps hold: the pooled tokens for the last block when it was computed for them only."""
+    return trace.top_rows if block == depth - 1 else None
+
+
+def _onehot(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    onehot = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    onehot.scatter_(1, target[:, None], 1.0)
+    return onehot
+
+
+def _gradcam_row(enc: EncoderSpec, emb: Embedded, attn: torch.Tensor, grad: torch.Tensor, cls_row: int) -> torch.Tensor:
+    """Attention GradCAM (SPEC §4): per-head weights from the gradient, weighted head mean, ReLU, min–max.
+
+    Vision averages the gradient over the CLS row's patch columns; text over the whole (real-token) matrix.
+    """
+    if enc.modality == "vision":
+        p = enc.num_prefix_tokens
+        w = grad[:, :, cls_row, p:].mean(dim=-1)  # [B, H]
+        cam = (w[:, :, None] * attn[:, :, cls_row, p:]).mean(dim=1).clamp(min=0)  # [B, P]
+        row = torch.zeros(attn.shape[0], attn.shape[-1], dtype=attn.dtype, device=attn.device)
+        row[:, p:] = min_max(cam, None)
+        return row
+    mask = emb.key_mask
+    if mask is None:
+        w = grad.mean(dim=(-1, -2))
+        valid = None
+    else:
+        valid = (mask[:, :, None] & mask[:, None, :])  # [B, N, N]
+        count = valid.sum(dim=(-1, -2)).to(grad.dtype)[:, None]
+        w = (grad * valid[:, None]).sum(dim=(-1, -2)) / count
+    cam = (w[:, :, None, None] * attn).mean(dim=1).clamp(min=0)  # [B, N, N]
+    return min_max(cam, valid)[:, 0]

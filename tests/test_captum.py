@@ -1,0 +1,105 @@
+"""The Captum attribution class: the numbers of explain() for every method, Captum's target and shape conventions,
+the convergence delta, and Captum's own utilities taking its output."""
+
+import _models as M
+import pytest
+import torch
+
+import transformer_lrp as tl
+
+captum = pytest.importorskip("captum")
+from captum.attr import Attribution  # noqa: E402
+
+from transformer_lrp.captum import TransformerAttribution  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return M.timm_vit()
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return M.hf_bert()
+
+
+@pytest.mark.parametrize("method", tl.METHODS)
+def test_vision_equals_explain(vit, method):
+    x = M.images(3)
+    attr = TransformerAttribution(vit, method=method)
+    assert isinstance(attr, Attribution) and attr.has_convergence_delta()
+    exp = tl.explain(vit, x, [1, 2, 0], method=method)
+    out = attr.attribute(x, target=[1, 2, 0])
+    torch.testing.assert_close(out, exp.maps(), rtol=0, atol=0)
+    pixels = attr.attribute(x, target=torch.tensor([1, 2, 0]), pixels=True)
+    assert pixels.shape == x.shape  # Captum's convention: the inputs' shape
+    torch.testing.assert_close(pixels[:, 1], exp.image_maps(normalize=False), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", tl.METHODS)
+def test_text_equals_explain(bert, method):
+    batch = M.text_batch((9, 5))
+    exp = tl.explain(bert, batch, 1, method=method)
+    attr = TransformerAttribution(bert)
+    out = attr.attribute(batch["input_ids"], target=1, additional_forward_args=(batch["attention_mask"],),
+                         method=method)
+    torch.testing.assert_close(out, exp.relevance, rtol=0, atol=0)
+    assert out.shape == batch["input_ids"].shape
+    torch.testing.assert_close(attr.attribute(batch, target=1, method=method), exp.relevance, rtol=0, atol=0)
+
+
+def test_targets_follow_captum_conventions(vit):
+    x = M.images(2)
+    attr = TransformerAttribution(vit, method="gae")
+    ref = tl.explain(vit, x, [3, 3], method="gae").maps()
+    for target in (3, [3, 3], torch.tensor([3, 3]), torch.tensor(3)):
+        torch.testing.assert_close(attr.attribute(x, target=target), ref, rtol=0, atol=0)
+    argmax = tl.explain(vit, x, method="gae")
+    torch.testing.assert_close(attr.attribute(x), argmax.maps(), rtol=0, atol=0)
+    kwargs = TransformerAttribution(vit, start_layer=1).attribute(x, target=3)
+    torch.testing.assert_close(kwargs, tl.explain(vit, x, 3, start_layer=1).maps(), rtol=0, atol=0)
+
+
+def test_convergence_delta(vit):
+    x = M.images(2)
+    attr = TransformerAttribution(vit, method="full_lrp")
+    out, delta = attr.attribute(x, target=1, pixels=True, return_convergence_delta=True)
+    exp = tl.explain(vit, x, 1, method="full_lrp")
+    torch.testing.assert_close(delta, 1 - exp.pixel_relevance.sum((1, 2)))
+    patches, delta_tokens = attr.attribute(x, target=1, return_convergence_delta=True)
+    torch.testing.assert_close(delta_tokens, 1 - exp.relevance.sum(1))
+    with pytest.raises(tl.InputError, match="defined for full_lrp"):
+        TransformerAttribution(vit).attribute(x, return_convergence_delta=True)
+
+
+def test_captum_utilities_take_the_output(vit):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from captum.attr import visualization
+    from captum.metrics import infidelity
+
+    x = M.images(2)
+    attr = TransformerAttribution(vit)
+    pixels = attr.attribute(x, target=0, pixels=True)
+    fig, _ = visualization.visualize_image_attr(pixels[0].permute(1, 2, 0).numpy(), method="heat_map",
+                                               sign="absolute_value", use_pyplot=False)
+    assert fig is not None
+
+    def perturb(inputs):
+        noise = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(0), dtype=inputs.dtype) * 0.01
+        return noise, inputs - noise
+
+    score = infidelity(vit, perturb, x, pixels, target=0, n_perturb_samples=2)
+    assert score.shape == (2,) and torch.isfinite(score).all()
+
+
+def test_bad_inputs(vit, bert):
+    attr = TransformerAttribution(vit)
+    with pytest.raises(tl.InputError, match="additional_forward_args go with input_ids"):
+        attr.attribute(M.images(1), additional_forward_args=(torch.ones(1),))
+    with pytest.raises(tl.InputError, match="one tensor"):
+        attr.attribute((M.images(1), M.images(1)))
+    ids = M.text_batch((5,))["input_ids"]
+    with pytest.raises(tl.InputError, match="at most"):
+        TransformerAttribution(bert).attribute(ids, additional_forward_args=(None, None, None))
