@@ -2,7 +2,7 @@
 
     python bench/bench_explain.py                          # ViT-B/16 @224 and BERT-base @128 tokens, batch 8
     python bench/bench_explain.py --quick                  # small models, seconds (smoke run)
-    python bench/bench_explain.py --backend torch,triton   # both paths side by side (triton: a GPU)
+    python bench/bench_explain.py --backend torch,triton,cuda   # the backends side by side (triton, cuda: a GPU)
     python bench/bench_explain.py --device cuda --dtype bfloat16 --vit-batch 64 --bert-batch 32 --seq 512
     python bench/bench_explain.py --profile                # per-op breakdown (torch.profiler) of one call per backend
 
@@ -170,12 +170,18 @@ def main() -> None:
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (CUDA float32)")
     ap.add_argument("--backend", default=None,
-                    help="comma-separated backends to time side by side (default: torch on CPU, torch,triton on CUDA)")
+                    help="comma-separated backends to time side by side (default: torch on CPU, torch,triton,cuda "
+                    "on CUDA, cuda where the extension is built)")
     ap.add_argument("--profile", action="store_true", help="print a per-op breakdown of one call per backend")
     ap.add_argument("--only", default="", help="run only cases whose 'model method' contains this text")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     backends = (args.backend or ("torch,triton" if args.device == "cuda" else "torch")).split(",")
+    if args.backend is None and args.device == "cuda":
+        from transformer_lrp._backend import not_supported_reasons
+
+        if not not_supported_reasons("cuda", (torch.zeros(1, device="cuda"),)):
+            backends.append("cuda")
     dtype = DTYPES[args.dtype]
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

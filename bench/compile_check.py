@@ -16,6 +16,12 @@ its spills are reported, not failed (Triton's fp64 products are FMA-like and far
 
     python3 bench/compile_check.py                 # the full table, both archs (minutes on 2 cores)
     python3 bench/compile_check.py --quick         # the CI subset: every kernel, flag set and dtype, sm_90a
+    python3 bench/compile_check.py --cuda          # the CUDA C++ ops (csrc/*.cu) instead, with nvcc, sm_80 and sm_90
+
+``--cuda`` compiles each ``csrc/*.cu`` as ``setup.py`` builds it (torch's nvcc flags and headers) with
+``-Xptxas -v`` for both archs and reads every instantiated kernel's registers, spills and shared memory from the
+log; it fails on a compile error or on any spill. Its rows (variant ``cuda_c++``) and the Triton rows share the CSV:
+each mode replaces only its own rows.
 """
 
 from __future__ import annotations
@@ -450,6 +456,114 @@ def verdict(e: Entry, res: dict) -> str:
     return "ok"
 
 
+# ------------------------------------------------------------------------------------------------ CUDA C++
+
+CUDA_VARIANT = "cuda_c++"
+CUDA_SOURCES = ROOT / "csrc"
+_DTYPE_OF_TEMPLATE = {"float": "fp32", "double": "fp64", "c10::Half": "fp16", "c10::BFloat16": "bf16"}
+
+
+def _nvcc() -> str | None:
+    from shutil import which
+
+    home = os.environ.get("CUDA_HOME")
+    return which("nvcc") or (os.path.join(home, "bin", "nvcc") if home else None)
+
+
+def _nvcc_command(src: Path, archs: list[int]) -> list[str]:
+    """nvcc as setup.py's CUDAExtension runs it (torch's headers, flags and C++ standard), plus ``-Xptxas -v``."""
+    import torch
+    from torch.utils import cpp_extension
+
+    std = "-std=c++20" if "C++20" in (Path(torch.__file__).parent / "include" / "ATen" / "ATen.h").read_text() \
+        else "-std=c++17"
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    gencodes = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return [_nvcc(), "-c", str(src), "-o", os.devnull, std, "-O3", *includes, *cpp_extension.COMMON_NVCC_FLAGS,
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-DTORCH_EXTENSION_NAME=_C",
+            *gencodes, "-Xptxas", "-v", "--threads", str(len(archs))]
+
+
+def _demangle(names: list[str]) -> list[str]:
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def parse_ptxas(log: str) -> list[dict]:
+    """Per (kernel, arch) in an ``nvcc -Xptxas -v`` log: registers, spill bytes, shared bytes."""
+    found, current = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for 'sm_(\d+)a?'", line)
+        if m:
+            current = dict(mangled=m.group(1), arch=int(m.group(2)), spill=0, registers=0, shared=0)
+            found.append(current)
+        elif current is not None and "spill stores" in line:
+            current["spill"] = int(re.search(r"(\d+) bytes spill stores", line).group(1))
+        elif current is not None and "Used" in line and "registers" in line:
+            current["registers"] = int(re.search(r"Used (\d+) registers", line).group(1))
+            smem = re.search(r"(\d+) bytes smem", line)
+            current["shared"] = int(smem.group(1)) if smem else 0
+    return found
+
+
+def cuda_rows(archs: list[int]) -> tuple[list[dict], list[str]]:
+    """Rows of every kernel of csrc/*.cu for ``archs``, and the failures (compile errors, spills)."""
+    rows, failures = [], []
+    for src in sorted(CUDA_SOURCES.glob("*.cu")):
+        run = subprocess.run(_nvcc_command(src, archs), capture_output=True, text=True)
+        if run.returncode != 0:
+            failures.append(f"{src.name}: nvcc failed: {run.stderr[-2000:]}")
+            continue
+        kernels = parse_ptxas(run.stdout + run.stderr)
+        if not kernels:
+            failures.append(f"{src.name}: no kernel in the ptxas log")
+        for k, name in zip(kernels, _demangle([k["mangled"] for k in kernels])):
+            base = re.sub(r"^.*::", "", name.split("<")[0])  # the template's name without its namespaces
+            args = re.search(r"<(.*?)>", name)
+            targs = [a.strip() for a in args.group(1).split(",")] if args else []
+            dtype = next((_DTYPE_OF_TEMPLATE[a] for a in targs if a in _DTYPE_OF_TEMPLATE), "-")
+            rest = [a for a in targs if a not in _DTYPE_OF_TEMPLATE]
+            why = "ok" if k["spill"] == 0 else f"spills {k['spill']} bytes"
+            if k["shared"] > SHARED_LIMIT[k["arch"]]:
+                why = f"shared memory {k['shared']} > {SHARED_LIMIT[k['arch']]}"
+            if why != "ok":
+                failures.append(f"{src.name} {base}<{', '.join(targs)}> sm_{k['arch']}: {why}")
+            rows.append(dict(kernel=base, variant=CUDA_VARIANT, dtype=dtype, arch=f"sm_{k['arch']}",
+                             tiles="entries_per_lane=" + rest[0] if rest else "-", warps="", stages="", default=1,
+                             shared_bytes=k["shared"], registers=k["registers"], spill_bytes=k["spill"],
+                             hot=int("attention" in base), check=why, models=src.name))
+    return rows, failures
+
+
+def write_rows(path: str, rows: list[dict], cuda: bool) -> None:
+    """Writes ``rows`` to the CSV, keeping the other mode's rows (Triton or CUDA C++) already there."""
+    kept = []
+    if Path(path).exists():
+        with open(path, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if (r["variant"] == CUDA_VARIANT) != cuda]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(kept + rows if cuda else rows + kept)
+
+
+def main_cuda(archs: list[int], csv_path: str) -> int:
+    if _nvcc() is None:
+        print("compile_check --cuda: no nvcc (set CUDA_HOME or put nvcc on PATH)")
+        return 2
+    t0 = time.time()
+    rows, failures = cuda_rows(archs)
+    if rows and csv_path:
+        write_rows(csv_path, rows, cuda=True)
+    print(f"compile_check --cuda: {len(rows)} kernels × archs from {len(list(CUDA_SOURCES.glob('*.cu')))} sources "
+          f"in {time.time() - t0:.0f} s; {len(failures)} failing; max registers "
+          f"{max((r['registers'] for r in rows), default=0)}" + (f"; table: {csv_path}" if csv_path else ""))
+    for why in failures[:40]:
+        print(f"  FAIL {why}")
+    return 1 if failures or not rows else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the CI subset: ViT-B/16 and BERT-base at 512 tokens, "
@@ -461,11 +575,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-only", action="store_true", help="only each launch's default candidate")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     ap.add_argument("--csv", default=str(CSV_PATH), help="where to write the table ('' for nowhere)")
+    ap.add_argument("--cuda", action="store_true", help="check the CUDA C++ ops (csrc/*.cu) with nvcc instead")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker()
         return 0
+    if args.cuda:
+        return main_cuda([int(a) for a in (args.arch or "80,90").split(",")], args.csv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # decorating the kernels under the interpreter would give interpreter objects, which cannot be compiled
         print("compile_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
@@ -505,11 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                          hot=int(e.kernel in HOT), check=why, models=";".join(sorted(e.cases))))
     rows.sort(key=lambda r: (r["kernel"], r["variant"], r["dtype"], r["arch"], r["tiles"], r["warps"], r["stages"]))
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(args.csv, rows, cuda=False)
     spilled = [r for r in rows if r["spill_bytes"] not in ("", 0)]
     print(f"compile_check: {len(rows)} configurations in {time.time() - t0:.0f} s; {len(failures)} failing; "
           f"{len(spilled)} with spills (float64 or not hot: reported only)" + (f"; table: {args.csv}" if args.csv

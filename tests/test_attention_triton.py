@@ -194,8 +194,8 @@ def test_argument_and_dispatch_errors(monkeypatch):
         attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, rollout=roll)
     with pytest.raises(ValueError, match="map_mode must be one of"):
         attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, map_mode="raw_attention")
-    with pytest.raises(NotImplementedError, match="no cuda kernel for attention_relevance"):
-        attention_relevance(q, k, v, o, lse, 0.5, grad_out=d_o, backend="cuda")
+    with pytest.raises(NotImplementedError, match="attention_relevance: backend 'cuda'.*not CUDA tensors"):
+        attention_relevance(q.cpu(), k.cpu(), v.cpu(), o.cpu(), lse.cpu(), 0.5, grad_out=d_o.cpu(), backend="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: Triton cannot run
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1 is not set"):
         attention_forward(q.cpu(), k.cpu(), v.cpu(), 0.5, backend="triton")

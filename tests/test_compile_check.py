@@ -55,6 +55,48 @@ def test_quick_compile_check_passes(tmp_path):
     assert hot and all(int(r["spill_bytes"]) == 0 for r in hot)
 
 
+@pytest.mark.slow
+def test_cuda_compile_check_passes(tmp_path):
+    """csrc/*.cu with nvcc -Xptxas -v for sm_80 and sm_90 (about 90 s on 2 cores): no compile error, no spill, every
+    attention kernel in every dtype and row width; the Triton rows already in the table are kept."""
+    cc = _compile_check()
+    if cc._nvcc() is None:
+        pytest.skip("no nvcc")
+    out = tmp_path / "kernel_resources.csv"
+    triton_row = dict(kernel="_attn_fwd_kernel", variant="-", dtype="bf16", arch="sm_90a", tiles="64x64", warps=4,
+                      stages=2, default=1, shared_bytes=1, registers=1, spill_bytes=0, hot=1, check="ok", models="x")
+    cc.write_rows(str(out), [triton_row], cuda=False)
+    run = subprocess.run([sys.executable, "bench/compile_check.py", "--cuda", "--csv", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["kernel"] for r in rows if r["variant"] != cc.CUDA_VARIANT] == ["_attn_fwd_kernel"]
+    cuda = [r for r in rows if r["variant"] == cc.CUDA_VARIANT]
+    assert all(r["check"] == "ok" and r["spill_bytes"] == "0" and int(r["registers"]) > 0 for r in cuda)
+    attention = {(r["kernel"], r["dtype"], r["arch"], r["tiles"]) for r in cuda if r["hot"] == "1"}
+    kernels = {"attention_forward_kernel", "attention_backward_query_kernel", "attention_backward_key_kernel",
+               "attention_weighted_map_kernel"}
+    assert attention == {(k, dt, arch, f"entries_per_lane={n}") for k in kernels for dt in ("fp32", "fp64", "fp16",
+                                                                                          "bf16")
+                         for arch in ("sm_80", "sm_90") for n in (2, 4)}
+    assert {"layernorm_relevance.cu", "normalized_add.cu"} <= {r["models"] for r in cuda}
+
+
+def test_ptxas_log_parser():
+    """The nvcc -Xptxas -v lines the CUDA part reads, on a log written by hand."""
+    log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "    16 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 1 barriers, 4096 bytes smem, 380 bytes cmem[0]\n"
+           "ptxas info    : Compiling entry function '_Z3barv' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3barv\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 12 registers, used 0 barriers, 368 bytes cmem[0]\n")
+    assert _compile_check().parse_ptxas(log) == [
+        dict(mangled="_Z3fooPf", arch=80, spill=8, registers=40, shared=4096),
+        dict(mangled="_Z3barv", arch=90, spill=0, registers=12, shared=0)]
+
+
 def test_compile_check_routes_float64_attention_away():
     """float64 attention never reaches Triton on a GPU (its fp64 MMA lowering fails): routed to the torch op."""
     cc = _compile_check()

@@ -40,14 +40,29 @@ def _to(inputs, device):
     return inputs.to(device) if torch.is_tensor(inputs) else {k: v.to(device) for k, v in inputs.items()}
 
 
+def _skip_unbuilt(backend):
+    if backend == "cuda":
+        from transformer_lrp._backend import not_supported_reasons
+
+        reasons = not_supported_reasons("cuda", (torch.zeros(1, device="cuda"),))
+        if reasons:
+            pytest.skip("; ".join(reasons))
+
+
+KERNEL_BACKENDS = ["triton", "cuda"]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("method", ["transformer_attribution", "gae", "rollout", "full_lrp", "attention_gradcam"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_triton_cuda_matches_cpu_reference(name, method, dtype):
+def test_kernels_cuda_match_cpu_reference(name, method, dtype, backend):
+    """backend="triton" and backend="cuda" (CUDA C++ attention, LayerNorm and adds) against the CPU reference."""
+    _skip_unbuilt(backend)
     make_model, make_inputs = GPU_CASES[name]
     ref = tl.explain(make_model(torch.float64), make_inputs(torch.float64), method=method)
     model, inputs = make_model(dtype).cuda(), _to(make_inputs(dtype), "cuda")
-    out = tl.explain(model, inputs, ref.target.cuda(), method=method, backend="triton")
+    out = tl.explain(model, inputs, ref.target.cuda(), method=method, backend=backend)
 
     def err(e):
         return float((e.relevance.double().cpu() - ref.relevance).abs().max() / ref.relevance.abs().max())
@@ -59,16 +74,18 @@ def test_triton_cuda_matches_cpu_reference(name, method, dtype):
         assert err(out) <= 2 * err(own) + 1e-6, (err(out), err(own))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("method", ["transformer_attribution", "gae"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_triton_bf16_close_to_fp32(name, method):
+def test_kernels_bf16_close_to_fp32(name, method, backend):
     """bf16 kernels against the fp32 explanation: within 10 % (BERT), and never worse than twice the reference
     path's own bf16 error (+2 %) (random tiny ViTs are ill-conditioned in bf16)."""
+    _skip_unbuilt(backend)
     make_model, make_inputs = GPU_CASES[name]
     inputs32, inputs16 = _to(make_inputs(torch.float32), "cuda"), _to(make_inputs(torch.bfloat16), "cuda")
     ref = tl.explain(make_model(torch.float32).cuda(), inputs32, 1, method=method)
     model16 = make_model(torch.bfloat16).cuda()
-    half = tl.explain(model16, inputs16, 1, method=method, backend="triton")
+    half = tl.explain(model16, inputs16, 1, method=method, backend=backend)
     half_ref = tl.explain(model16, inputs16, 1, method=method, backend="torch")
 
     def err(e):

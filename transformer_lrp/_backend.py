@@ -3,16 +3,18 @@
 Every explanation runs the same sweep (``sweep.py``); the backend chooses the ops under it. ``torch``: the
 reference ops, everywhere (CPU/GPU, float64 included). ``triton``: the kernels (flash-style attention with its
 relevance backward and head-weighted map, LayerNorm + residual, normalized add, α1β0 Linear passes); it needs CUDA
-tensors or ``TRITON_INTERPRET=1``. ``cuda``
-is the CUDA C++ extension (``csrc/``, ``torch.ops.tlrp``): it holds the normalized add and the LayerNorm
-relevance, so it serves single ops (``ops.normalized_add(backend="cuda")``), not a whole explanation.
+tensors or ``TRITON_INTERPRET=1``. ``cuda``: the CUDA C++ extension (``csrc/``, ``torch.ops.tlrp``) for the
+attention (forward, relevance backward, head-weighted map), the LayerNorm relevance and the normalized add, torch
+(cuBLAS) for the GEMMs, and the Triton kernels for the α1β0 Linear's elementwise passes (the torch reference where
+Triton is missing); it needs the built extension and CUDA tensors.
 ``None``/``auto`` picks ``torch`` for ``explain`` until the kernels have been validated on a GPU (per op:
 ``triton`` where it can run). An explicit backend that cannot run raises ``NotImplementedError`` naming every
 reason. No device is queried at import.
 
 Inside an explanation, an op whose Triton kernel cannot take the tensors while the rest of the sweep can is
 routed to its torch reference (``route``, warned once, the reason from ``not_supported_reasons(..., op=...)``):
-float64 attention on a GPU is the one such case.
+float64 attention on a GPU on ``triton`` is one such case; on ``cuda``, the ops without a CUDA C++ kernel take
+the Triton kernel or the reference, and attention with a head dimension over 128 takes the reference.
 """
 
 from __future__ import annotations
@@ -51,9 +53,7 @@ def not_supported_reasons(backend: str, tensors: tuple = (), op: str | None = No
     if backend == "triton":
         return _triton_reasons(tensors) + (_triton_op_reasons(op, tensors) if op is not None else [])
     if backend == "cuda":
-        return ["the CUDA C++ extension holds only the normalized add and the LayerNorm relevance (single ops: "
-                "ops.normalized_add / ops.layernorm_relevance with backend='cuda'); explain the whole model with "
-                "backend='triton' or 'torch'"]
+        return _cuda_reasons(tensors) + (_cuda_op_reasons(op, tensors) if op is not None else [])
     return [f"unknown backend {backend!r}; choose one of {BACKENDS} or None"]
 
 
@@ -99,17 +99,39 @@ _ROUTED: set[tuple[str, str]] = set()
 
 
 def route(op: str, backend: str, tensors: tuple) -> str:
-    """The backend an explanation running on ``backend`` uses for ``op``: the same, or ``"torch"`` where that op's
-    kernel cannot take these tensors (warned once per op and reason)."""
-    if backend != "triton":
-        return backend
-    reasons = _triton_op_reasons(op, tensors)
+    """The backend an explanation running on ``backend`` uses for ``op``: the same, or another where that op has
+    no kernel on it or its kernel cannot take these tensors (warned once per op and reason)."""
+    if backend == "triton":
+        reasons = _triton_op_reasons(op, tensors)
+        return "torch" if _warn_routed(op, reasons) else backend
+    if backend == "cuda":
+        if op not in CUDA_OPS:  # the α1β0 passes: shared with the Triton path
+            return "triton" if not _triton_reasons(tensors) else "torch"
+        reasons = _cuda_op_reasons(op, tensors)
+        return "torch" if _warn_routed(op, reasons) else backend
+    return backend
+
+
+def _warn_routed(op: str, reasons: list[str]) -> bool:
     if not reasons:
-        return backend
+        return False
     if (op, reasons[0]) not in _ROUTED:
         _ROUTED.add((op, reasons[0]))
-        warnings.warn(f"{op} runs on the torch reference: {reasons[0]}", stacklevel=3)
-    return "torch"
+        warnings.warn(f"{op} runs on the torch reference: {reasons[0]}", stacklevel=4)
+    return True
+
+
+# The ops with a CUDA C++ kernel (csrc/, torch.ops.tlrp.*).
+CUDA_OPS = ("attention_forward", "attention_relevance", "attention_weighted_map", "normalized_add",
+            "layernorm_relevance")
+CUDA_MAX_HEAD_DIM = 128  # csrc/attention_relevance.cu: at most 4 entries of a row per lane of a warp
+
+
+def _cuda_op_reasons(op: str, tensors: tuple) -> list[str]:
+    if op in PRODUCT_OPS and any(t.dim() == 4 and t.shape[-1] > CUDA_MAX_HEAD_DIM for t in tensors):
+        return [f"the CUDA C++ attention holds rows of at most {CUDA_MAX_HEAD_DIM} entries per head (a warp's "
+                "registers); this head dimension runs the torch reference op"]
+    return []
 
 
 def _cuda_reasons(tensors: tuple) -> list[str]:
@@ -144,6 +166,36 @@ def load_cuda_extension() -> None:
     def _(u, v, weight, ln_eps, grad_norm_out, rel_norm_out, grad_residual, rel_residual):
         return tuple(u.new_empty(u.shape) for _ in range(3))
 
+    def acc(t):  # statistics, maps and sums: float64 for float64 inputs, float32 otherwise
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("tlrp::attention_forward")
+    def _(query, key, value, scale, key_mask):
+        return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=acc(query))
+
+    @torch.library.register_fake("tlrp::attention_relevance")
+    def _(query, key, value, out, lse, scale, grad_out, rel_out, key_mask, mask_add, map_mode, rollout,
+          normalize_rows, want_map, inputs, mask_add_normalized):
+        # an empty [0] tensor where an output is not asked for; distinct tensors (outputs may not alias)
+        b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
+        rolling, mapping = rollout is not None and map_mode != 0, want_map and map_mode != 0
+
+        def like(t, asked, *shape, dtype=None):
+            return t.new_empty(shape if asked else (0,), dtype=dtype)
+
+        outputs = []
+        for asked in (inputs and grad_out is not None, inputs and rel_out is not None):
+            outputs += [like(query, asked, *query.shape), like(key, asked, *key.shape), like(key, asked, *key.shape)]
+        a = acc(query)
+        return (*outputs, like(query, rolling, b, nq, dtype=a), like(query, rolling, b, nk, dtype=a),
+                like(query, mapping, b, nq, nk, dtype=a))
+
+    @torch.library.register_fake("tlrp::attention_weighted_map")
+    def _(query, key, lse, scale, weights, key_mask, row):
+        b, nk = query.shape[0], key.shape[2]
+        return (query.new_empty(b, nk, dtype=acc(query)), query.new_empty(b, dtype=acc(query)),
+                query.new_empty(b, dtype=acc(query)))
+
     _EXTENSION_LOADED = True
 
 
@@ -167,7 +219,7 @@ def op_backend(op: str, kernels: dict[str, tuple[str, ...]], tensors: tuple, req
         if choice == "triton":
             reasons += _triton_reasons(tensors) + _triton_op_reasons(op, tensors)
         if choice == "cuda":
-            reasons += _cuda_reasons(tensors)
+            reasons += _cuda_reasons(tensors) + _cuda_op_reasons(op, tensors)
     if reasons:
         raise NotImplementedError(f"{op}: backend {choice!r} cannot run: " + "; ".join(reasons))
     return choice

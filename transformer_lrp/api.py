@@ -56,8 +56,9 @@ def explain(
             materializes its own block's ``A`` and drops it), ``"triton"`` (the kernels: flash-style attention with
             its relevance backward, LayerNorm + residual and α1β0 Linear passes, no attention matrix in memory;
             needs CUDA tensors or ``TRITON_INTERPRET=1``; float64 attention on a GPU runs the torch op, warned
-            once), ``"cuda"`` (the CUDA C++ extension holds single ops only: raises) or ``None`` (env
-            ``TLRP_BACKEND``, else ``torch``).
+            once), ``"cuda"`` (the CUDA C++ extension ``torch.ops.tlrp.*`` for attention, LayerNorm and the adds,
+            cuBLAS GEMMs, the α1β0 passes on the Triton kernels; needs the built extension and CUDA tensors) or
+            ``None`` (env ``TLRP_BACKEND``, else ``torch``).
             Default: ``None``.
 
     Returns:

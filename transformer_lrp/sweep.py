@@ -14,7 +14,8 @@ tensors once it is passed:
 
 Only the head's gradient (a few small layers) comes from autograd, inside ``torch.enable_grad()``. ``backend``
 chooses the ops' implementation: the references (``"torch"``: each attention op materializes its own block's
-``A`` and drops it on return) or the kernels (``"triton"``). Dropout and drop-path are identities: an
+``A`` and drops it on return), the Triton kernels (``"triton"``) or the CUDA C++ ops (``"cuda"``, with the α1β0
+passes on the Triton kernels). Dropout and drop-path are identities: an
 explanation is of the model's inference function.
 """
 
@@ -60,7 +61,8 @@ class Rules:
             return None, (None if grad is None else grad @ spec.weight)
         if not self.method:
             return linear_alpha1beta0_separate(x, spec.weight, rel), (None if grad is None else grad @ spec.weight)
-        kw = dict(output=out, bias=spec.bias, abs_weight=spec.abs_weight, backend=self.backend)
+        kw = dict(output=out, bias=spec.bias, abs_weight=spec.abs_weight,
+                  backend=route("linear_alpha1beta0", self.backend, (x,)))
         if grad is None:
             return linear_alpha1beta0(x, spec.weight, rel, **kw), None
         return linear_alpha1beta0_with_grad(x, spec.weight, rel, grad, **kw)
@@ -78,8 +80,11 @@ class Rules:
         """``LN(z)`` with ``z = u + v`` (or ``u``), ``z`` also feeding a residual path (``grad_res``, ``rel_res``):
         ``(dL/dz, R_u, R_v)``. LayerNorm is an identity for relevance (SPEC §2.7), then clone (§2.9), then the add."""
         if grad is not None:
+            backend = self.backend
+            if backend == "cuda" and (v is None or rel is None):  # the CUDA C++ kernel covers the split case only
+                backend = route("layernorm_relevance_unsplit", backend, (u,))
             return layernorm_relevance(u, v, norm.weight, norm.bias, norm.eps, grad, rel, grad_res, rel_res,
-                                       backend=self.backend)
+                                       backend=backend)
         if rel is None:
             return None, None, None
         z = u if v is None else u + v

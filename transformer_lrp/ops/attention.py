@@ -9,7 +9,8 @@ Below the two rules (the engine's materialized path): the whole softmax attentio
 reference beside it: ``attention_forward`` (keeps ``O`` and the row log-sum-exp), ``attention_relevance``
 (gradient, relevance and the block's head-reduced map in one backward), ``attention_weighted_map`` (GradCAM's
 head-weighted map), and the ``AttentionLRPFunction`` / ``lrp_attention`` autograd form. Kernels:
-``triton_kernels/attention_lrp.py``.
+``triton_kernels/attention_lrp.py`` (``backend="triton"``) and ``csrc/attention_relevance.cu``
+(``backend="cuda"``, ``torch.ops.tlrp.attention_*``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def attention_qk_relevance(
 # log-sum-exp instead of A; the backward gives gradient, relevance and the per-block map without ``[B, H, N, N]``.
 
 _HALF = (torch.float16, torch.bfloat16)
-KERNELS = {"attention_forward": ("triton",), "attention_relevance": ("triton",), "attention_weighted_map": ("triton",)}
+KERNELS = {"attention_forward": ("triton", "cuda"), "attention_relevance": ("triton", "cuda"),
+           "attention_weighted_map": ("triton", "cuda")}
 MAP_MODES = (None, "transformer_attribution", "gae", "rollout", "partial_lrp")
 
 
@@ -93,15 +95,22 @@ def attention_forward(
         scale: applied to the scores.
         key_mask: `[B, NK]` bool, True for real keys (padded keys get probability 0).
         out: optional `[B, H, NQ, d]` view to write ``O`` into (Triton only), e.g. of the heads-merged buffer.
-        backend: ``"torch"`` (reference), ``"triton"`` (``triton_kernels/attention_lrp.py``), ``None`` (automatic).
+        backend: ``"torch"`` (reference), ``"triton"`` (``triton_kernels/attention_lrp.py``), ``"cuda"``
+            (``csrc/attention_relevance.cu``), ``None`` (automatic).
 
     Returns:
         ``(O, lse)``: `[B, H, NQ, d]` and the row log-sum-exp `[B, H, NQ]` (float32, float64 for float64 inputs).
     """
-    if backend != "torch" and op_backend("attention_forward", KERNELS, (query, key, value), backend) == "triton":
+    chosen = "torch" if backend == "torch" else op_backend("attention_forward", KERNELS, (query, key, value), backend)
+    if chosen == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_fwd
 
         return attention_fwd(query, key, value, scale, key_mask, out)
+    if chosen == "cuda":
+        o, lse = torch.ops.tlrp.attention_forward(query, key, value, float(scale), key_mask)
+        if out is None:
+            return o, lse
+        return out.copy_(o), lse
     return attention_forward_ref(query, key, value, scale, key_mask)
 
 
@@ -204,7 +213,7 @@ def attention_relevance(
             ``rollout_product`` `[B, NK]` = ``rollout_rows · Ē`` with ``Ē`` the head mean of ``E``.
         want_map: also return ``map``, the head mean ``Ē`` `[B, NQ, NK]` (never the per-head maps).
         inputs: ``False``: skip the gradients and relevance of Q, K, V (the lowest block needs only the map).
-        backend: ``"torch"`` (reference, materializes ``A``), ``"triton"`` or ``None`` (automatic).
+        backend: ``"torch"`` (reference, materializes ``A``), ``"triton"``, ``"cuda"`` or ``None`` (automatic).
 
     Returns:
         A dict with the keys asked for above.
@@ -220,11 +229,32 @@ def attention_relevance(
     kwargs = dict(grad_out=grad_out, rel_out=rel_out, key_mask=key_mask, mask_add=mask_add, map_mode=map_mode,
                   rollout=rollout, normalize_rows=normalize_rows, want_map=want_map, inputs=inputs,
                   mask_add_normalized=mask_add_normalized)
-    if backend != "torch" and op_backend("attention_relevance", KERNELS, (query, key, value), backend) == "triton":
+    chosen = "torch" if backend == "torch" else op_backend("attention_relevance", KERNELS, (query, key, value),
+                                                            backend)
+    if chosen == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_bwd
 
         return attention_bwd(query, key, value, out, lse, scale, **kwargs)
+    if chosen == "cuda":
+        return _relevance_cuda(query, key, value, out, lse, scale, **kwargs)
     return attention_relevance_ref(query, key, value, out, lse, scale, **kwargs)
+
+
+_CUDA_OUTPUTS = ("grad_query", "grad_key", "grad_value", "rel_query", "rel_key", "rel_value", "rollout_rows",
+                 "rollout_product", "map")
+
+
+def _relevance_cuda(query, key, value, out, lse, scale, *, grad_out, rel_out, key_mask, mask_add, map_mode, rollout,
+                    normalize_rows, want_map, inputs, mask_add_normalized):
+    """``torch.ops.tlrp.attention_relevance``, whose outputs are a fixed tuple (an empty tensor where not asked
+    for), as the dict of the other backends."""
+    outputs = torch.ops.tlrp.attention_relevance(
+        query, key, value, out, lse, float(scale), grad_out, rel_out, key_mask, mask_add, MAP_MODES.index(map_mode),
+        rollout, normalize_rows, want_map, inputs, mask_add_normalized)
+    need_grad, need_rel = inputs and grad_out is not None, inputs and rel_out is not None
+    rolling, mapping = rollout is not None and map_mode is not None, want_map and map_mode is not None
+    asked = (need_grad,) * 3 + (need_rel,) * 3 + (rolling, rolling, mapping)
+    return {name: t for name, t, wanted in zip(_CUDA_OUTPUTS, outputs, asked) if wanted}
 
 
 class AttentionLRPFunction(torch.autograd.Function):
@@ -285,13 +315,16 @@ def attention_weighted_map(
         weights: `[B, H]` per-head weights ``w_h``.
         key_mask: `[B, NK]` bool, True for real tokens (rows and columns; NQ == NK then).
         row: the query row to return (the CLS row: 0).
-        backend: ``"torch"`` (reference), ``"triton"`` or ``None``.
+        backend: ``"torch"`` (reference), ``"triton"``, ``"cuda"`` or ``None``.
 
     Returns:
         ``(E[:, row] [B, NK], min [B], max [B])`` in float32 (float64 for float64 inputs).
     """
-    if backend != "torch" and op_backend("attention_weighted_map", KERNELS, (query, key), backend) == "triton":
+    chosen = "torch" if backend == "torch" else op_backend("attention_weighted_map", KERNELS, (query, key), backend)
+    if chosen == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_weighted_map as launch
 
         return launch(query, key, lse, scale, weights, key_mask, row)
+    if chosen == "cuda":
+        return tuple(torch.ops.tlrp.attention_weighted_map(query, key, lse, float(scale), weights, key_mask, row))
     return attention_weighted_map_ref(query, key, lse, scale, weights, key_mask, row)
