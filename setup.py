@@ -61,6 +61,7 @@ setup(
         "models": ["timm>=1.0", "transformers>=4.40", "safetensors"],
         "eval": ["scikit-image>=0.22", "tqdm", "onnx>=1.15"],
         "captum": ["captum>=0.7"],
+        "clip": ["open_clip_torch>=2.20"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "timm>=1.0", "transformers>=4.40", "safetensors",
                  "scikit-image>=0.22", "scikit-learn>=1.3", "tqdm"],
     },

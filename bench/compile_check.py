@@ -72,6 +72,7 @@ class ModelCase:
     batch: int
     tokens: int | None = None  # text: the padded sequence length (vision: from the model)
     quick: bool = False  # part of the CI subset
+    tower: str | None = None  # CLIP: the tower explained ("vision", or "text" with its causal mask)
 
 
 # Three blocks: the pooled top block, a middle one and the lowest; more would repeat the middle one's launches.
@@ -107,6 +108,17 @@ def _hf(config: str, model: str, **kw):
     return build
 
 
+def _clip():
+    def build():
+        import transformers
+
+        cfg = transformers.CLIPConfig(text_config=dict(num_hidden_layers=DEPTH),
+                                      vision_config=dict(num_hidden_layers=DEPTH))  # ViT-B/32: 512-wide text, 77
+        return transformers.CLIPModel(cfg)
+
+    return build
+
+
 MODELS = [
     ModelCase("vit_base_patch16_224", _timm("vit_base_patch16_224"), 64, quick=True),
     ModelCase("vit_base_patch16_384", _timm("vit_base_patch16_384"), 16),
@@ -127,6 +139,8 @@ MODELS = [
                                                   num_hidden_layers=DEPTH), 32, tokens=512),
     ModelCase("distilbert_base_256_padded", _hf("DistilBertConfig", "DistilBertForSequenceClassification",
                                                 n_layers=DEPTH), 32, tokens=256),
+    ModelCase("clip_vit_b32_text_77_causal", _clip(), 32, tokens=77, quick=True, tower="text"),
+    ModelCase("clip_vit_b32_vision", _clip(), 64, tower="vision"),
 ]
 
 DTYPES = {"bf16": ("bfloat16", False), "fp16": ("float16", False), "fp32": ("float32", False),
@@ -155,7 +169,15 @@ def record_case(case: ModelCase, dtype_label: str, arch: int) -> list:
     dtype = getattr(torch, dtype_name)
     with torch.device("meta"):
         model = case.build().to(dtype)
-    enc = build_encoder(model)
+    if case.tower is None:
+        enc, pool = build_encoder(model), None
+    else:  # a CLIP tower whose head scores against a batch of the other tower's embeddings
+        from transformer_lrp.adapters import clip
+
+        spec = clip.build(model)
+        other = torch.empty(case.batch, spec.text.projection.weight.shape[0], dtype=dtype, device="meta")
+        enc = spec.encoder(case.tower, other)
+        pool = torch.zeros(case.batch, dtype=torch.long, device="meta") if case.tower == "text" else None
     text = enc.modality == "text"
     n = case.tokens if text else enc.num_prefix_tokens + enc.grid_size[0] * enc.grid_size[1]
     width = enc.blocks[0].norm1.weight.shape[0]
@@ -168,7 +190,7 @@ def record_case(case: ModelCase, dtype_label: str, arch: int) -> list:
 
     with record_launches(arch=arch, tf32=tf32) as rec:
         for key_mask in masks:
-            emb = Embedded(tokens, key_mask, to_input=lambda r, rule: (r.sum(-1), None))
+            emb = Embedded(tokens, key_mask, to_input=lambda r, rule: (r.sum(-1), None), pool_index=pool)
             for method, start, norm in settings(enc.depth):
                 methods.run(enc, emb, method, None, start, norm, target, backend="triton")
     return rec.launches

@@ -35,6 +35,8 @@ using attn::PairTerms;
 constexpr int kWarpSize = 32;
 constexpr int kRowsPerBlock = 4;  // warps per block, one row each
 constexpr int kBlockThreads = kRowsPerBlock * kWarpSize;
+// Every kernel is launched with __launch_bounds__(kBlockThreads, 1): without the minimum of one block per SM, ptxas
+// traded registers for occupancy and spilled 12 bytes in the half-precision query-side backward on sm_90.
 
 // Rows staged per shared-memory tile: 16 (float accumulation) or 8 (double) rows of up to 128 entries per staged
 // tensor keeps the largest kernel (three staged tensors) at 24 KB of static shared memory.
@@ -101,13 +103,18 @@ __device__ __forceinline__ bool real_key(const bool* keep, int64_t b, int64_t j,
   return j < nk && (keep == nullptr || keep[b * nk + j]);
 }
 
+// Query i attends to key j: a real key, and with a causal mask (the CLIP text tower) not after the query.
+__device__ __forceinline__ bool attends(const bool* keep, bool causal, int64_t b, int64_t i, int64_t j, int64_t nk) {
+  return real_key(keep, b, j, nk) && (!causal || j <= i);
+}
+
 // ------------------------------------------------------------------------------------------------- forward
 
 template <typename scalar_t, int DPL>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, 1)
 attention_forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, const bool* __restrict__ keep,
                          scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ lse, int64_t heads,
-                         int64_t nq, int64_t nk, int d, at::opmath_type<scalar_t> scale) {
+                         int64_t nq, int64_t nk, int d, at::opmath_type<scalar_t> scale, bool causal) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int width = DPL * kWarpSize, tile = tile_rows<acc_t>();
   __shared__ acc_t k_s[tile * width], v_s[tile * width];
@@ -131,7 +138,7 @@ attention_forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, c
     for (int r = 0; r < count; ++r) {
       const acc_t sc = row_dot<acc_t, DPL>(q_r, k_s + r * width, lane);
       acc_t alpha, p;
-      softmax.add(sc, real_key(keep, b, start + r, nk), &alpha, &p);
+      softmax.add(sc, attends(keep, causal, b, i, start + r, nk), &alpha, &p);
 #pragma unroll
       for (int u = 0; u < DPL; ++u) acc[u] = acc[u] * alpha + p * v_s[r * width + lane + u * kWarpSize];
     }
@@ -158,6 +165,7 @@ struct BackwardArgs {
   const acc_t* lse;                  // [B, H, NQ]
   const acc_t* delta;                // [B, H, NQ] Δ = rowsum(dO ⊙ O); null without gradient
   const bool* keep;                  // [B, NK] or null
+  bool causal;                       // a causal mask (NQ == NK)
   int64_t heads, nq, nk;
   int d;
   acc_t scale;
@@ -167,7 +175,7 @@ struct BackwardArgs {
 
 // Query side, one warp per query row: dQ, R_Q and the row sums Σ_j E_ij.
 template <typename scalar_t, int DPL>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, 1)
 attention_backward_query_kernel(BackwardArgs<scalar_t> a, scalar_t* __restrict__ dq, scalar_t* __restrict__ rq,
                                 at::opmath_type<scalar_t>* __restrict__ rowsum) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -200,7 +208,7 @@ attention_backward_query_kernel(BackwardArgs<scalar_t> a, scalar_t* __restrict__
       const acc_t sc = row_dot<acc_t, DPL>(qs_r, k_row, lane);
       const acc_t dp = a.need_dp ? row_dot<acc_t, DPL>(do_r, v_s + r * width, lane) : acc_t(0);
       const acc_t hv = a.need_ra ? row_dot<acc_t, DPL>(hs_r, v_s + r * width, lane) : acc_t(0);
-      const bool valid = row_in && real_key(a.keep, b, start + r, a.nk);
+      const bool valid = row_in && attends(a.keep, a.causal, b, i, start + r, a.nk);
       const PairTerms<acc_t> t = attn::pair_terms(sc, dp, hv, lse, delta, valid, a.scale, a.flags);
 #pragma unroll
       for (int u = 0; u < DPL; ++u) {
@@ -226,7 +234,7 @@ attention_backward_query_kernel(BackwardArgs<scalar_t> a, scalar_t* __restrict__
 // Key side, one warp per key row: dK, dV, R_K, R_V, the rollout product Σ_i w_i E_ij, the mask add's per-key sums
 // and (on request) the head-mean map, accumulated atomically.
 template <typename scalar_t, int DPL>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, 1)
 attention_backward_key_kernel(BackwardArgs<scalar_t> a, const at::opmath_type<scalar_t>* __restrict__ weights,
                               scalar_t* __restrict__ dk, scalar_t* __restrict__ dv, scalar_t* __restrict__ rk,
                               scalar_t* __restrict__ rv, at::opmath_type<scalar_t>* __restrict__ roll,
@@ -266,7 +274,7 @@ attention_backward_key_kernel(BackwardArgs<scalar_t> a, const at::opmath_type<sc
       const acc_t hv = a.need_ra ? row_dot<acc_t, DPL>(v_r, hs_s + r * width, lane) : acc_t(0);
       const acc_t lse = a.lse[bh * a.nq + i];
       const acc_t delta = a.delta ? a.delta[bh * a.nq + i] : acc_t(0);
-      const bool valid = key_real;
+      const bool valid = key_real && (!a.causal || j <= i);
       const PairTerms<acc_t> t = attn::pair_terms(sc, dp, hv, lse, delta, valid, a.scale, a.flags);
 #pragma unroll
       for (int u = 0; u < DPL; ++u) {
@@ -313,18 +321,19 @@ attention_backward_key_kernel(BackwardArgs<scalar_t> a, const at::opmath_type<sc
 // row `row` and, per key, its min and max over the real queries (±inf at padded keys). Q and K are read straight
 // from global memory (cached): one block of one sample, heads summed in a register.
 template <typename scalar_t, int DPL>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, 1)
 attention_weighted_map_kernel(Rows<scalar_t> q, Rows<scalar_t> k, const at::opmath_type<scalar_t>* __restrict__ lse,
                               const bool* __restrict__ keep, const at::opmath_type<scalar_t>* __restrict__ weights,
                               at::opmath_type<scalar_t>* __restrict__ row_out, at::opmath_type<scalar_t>* __restrict__ part,
                               int64_t heads, int64_t nq, int64_t nk, int d, at::opmath_type<scalar_t> scale,
-                              int64_t row) {
+                              const int64_t* __restrict__ rows, bool causal) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t j = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (j >= nk) return;  // no shared memory, no barrier: a warp past the end leaves
   const bool key_real = real_key(keep, b, j, nk);
+  const int64_t row = rows[b];
   acc_t lo = INFINITY, hi = -INFINITY, at_row = 0;
   for (int64_t i = 0; i < nq; ++i) {
     acc_t e = 0;
@@ -336,7 +345,7 @@ attention_weighted_map_kernel(Rows<scalar_t> q, Rows<scalar_t> k, const at::opma
 #pragma unroll
       for (int u = 0; u < DPL; ++u) sc += (qs_r[u] * scale) * k_r[u];
       sc = warp_sum(sc);
-      const acc_t p = key_real ? attn::exp_of(sc - lse[(b * heads + h) * nq + i]) : acc_t(0);
+      const acc_t p = (key_real && (!causal || j <= i)) ? attn::exp_of(sc - lse[(b * heads + h) * nq + i]) : acc_t(0);
       e += weights[b * heads + h] * p;
     }
     e = e > acc_t(0) ? e : acc_t(0);
@@ -399,12 +408,13 @@ at::Tensor none_tensor(const at::Tensor& like) { return at::empty({0}, like.opti
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
                                                           const at::Tensor& value, double scale,
-                                                          const std::optional<at::Tensor>& key_mask) {
+                                                          const std::optional<at::Tensor>& key_mask, bool causal) {
   check_qkv(query, key, value);
   const c10::cuda::CUDAGuard guard(query.device());
   const auto q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
   const auto keep = keep_of(key_mask, k);
   const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3);
+  TORCH_CHECK(!causal || nq == nk, kOp, ": causal attention needs as many query rows as keys");
   auto out = at::empty({b, h, nq, d}, q.options());
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto lse = at::empty({b, h, nq}, q.options().dtype(acc_type));
@@ -416,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
       attention_forward_kernel<scalar_t, decltype(dpl)::value><<<grid_of(b * h, nq), kBlockThreads, 0, stream>>>(
           rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
           keep.has_value() ? keep->data_ptr<bool>() : nullptr, out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), h,
-          nq, nk, static_cast<int>(d), static_cast<acc_t>(scale));
+          nq, nk, static_cast<int>(d), static_cast<acc_t>(scale), causal);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -431,8 +441,9 @@ attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const a
                          const std::optional<at::Tensor>& grad_out_, const std::optional<at::Tensor>& rel_out,
                          const std::optional<at::Tensor>& key_mask, bool mask_add, int64_t map_mode,
                          const std::optional<at::Tensor>& rollout, bool normalize_rows, bool want_map, bool inputs,
-                         bool mask_add_normalized) {
+                         bool mask_add_normalized, bool causal) {
   check_qkv(query, key, value);
+  TORCH_CHECK(!causal || query.size(2) == key.size(2), kOp, ": causal attention needs as many query rows as keys");
   TORCH_CHECK(map_mode >= attn::kMapNone && map_mode <= attn::kMapPartialLrp, kOp, ": map_mode ", map_mode,
               " is not one of 0..4");
   TORCH_CHECK(!(attn::map_reads_gradient(map_mode) && !grad_out_.has_value()), kOp, ": this map needs grad_out");
@@ -497,6 +508,7 @@ attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const a
                                 lse.data_ptr<acc_t>(),
                                 delta.has_value() ? delta->data_ptr<acc_t>() : nullptr,
                                 keep.has_value() ? keep->data_ptr<bool>() : nullptr,
+                                causal,
                                 h, nq, nk, static_cast<int>(d), static_cast<acc_t>(scale), flags, need_dp, need_ra};
     with_dpl(d, [&](auto dpl) {
       constexpr int DPL = decltype(dpl)::value;
@@ -543,7 +555,7 @@ attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const a
 // Returns (E[:, row] [B, NK], min [B], max [B]) in the accumulation dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weighted_map_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& lse_, double scale, const at::Tensor& weights_,
-    const std::optional<at::Tensor>& key_mask, int64_t row) {
+    const std::optional<at::Tensor>& key_mask, const at::Tensor& rows_, bool causal) {
   check_qkv(query, key, key);
   const c10::cuda::CUDAGuard guard(query.device());
   const auto q = last_dim_contiguous(query), k = last_dim_contiguous(key);
@@ -552,6 +564,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weighted_map_cuda(
   TORCH_CHECK(!keep.has_value() || nq == nk, kOp, ": a key mask masks the queries too, so NQ must equal NK");
   TORCH_CHECK(weights_.dim() == 2 && weights_.size(0) == b && weights_.size(1) == h, kOp,
               ": weights must be [B, H]");
+  TORCH_CHECK(!causal || nq == nk, kOp, ": causal attention needs as many query rows as keys");
+  TORCH_CHECK(rows_.dim() == 1 && rows_.size(0) == b, kOp, ": rows must be [B], the query row per sample");
+  const auto rows = rows_.to(q.device(), at::kLong).contiguous();
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto lse = lse_.to(acc_type).contiguous();
   const auto weights = (weights_.to(q.device(), acc_type) / static_cast<double>(h)).contiguous();
@@ -567,7 +582,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weighted_map_cuda(
               rows_of<scalar_t>(q), rows_of<scalar_t>(k), lse.data_ptr<acc_t>(),
               keep.has_value() ? keep->data_ptr<bool>() : nullptr, weights.data_ptr<acc_t>(),
               row_out.data_ptr<acc_t>(), part.data_ptr<acc_t>(), h, nq, nk, static_cast<int>(d),
-              static_cast<acc_t>(scale), row);
+              static_cast<acc_t>(scale), rows.data_ptr<int64_t>(), causal);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

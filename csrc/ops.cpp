@@ -17,17 +17,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_relevance_cuda(
     const std::optional<at::Tensor>& rel_residual);
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
                                                           const at::Tensor& value, double scale,
-                                                          const std::optional<at::Tensor>& key_mask);
+                                                          const std::optional<at::Tensor>& key_mask, bool causal);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                          const at::Tensor& out, const at::Tensor& lse, double scale,
                          const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& rel_out,
                          const std::optional<at::Tensor>& key_mask, bool mask_add, int64_t map_mode,
                          const std::optional<at::Tensor>& rollout, bool normalize_rows, bool want_map, bool inputs,
-                         bool mask_add_normalized);
+                         bool mask_add_normalized, bool causal);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weighted_map_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& lse, double scale, const at::Tensor& weights,
-    const std::optional<at::Tensor>& key_mask, int64_t row);
+    const std::optional<at::Tensor>& key_mask, const at::Tensor& rows, bool causal);
 }  // namespace tlrp
 
 // An importable module with no Python functions: importing it loads the library and runs the registrations.
@@ -47,19 +47,21 @@ TORCH_LIBRARY(tlrp, m) {
       "layernorm_relevance(Tensor u, Tensor v, Tensor? weight, float ln_eps, Tensor grad_norm_out, "
       "Tensor rel_norm_out, Tensor? grad_residual, Tensor? rel_residual) -> (Tensor, Tensor, Tensor)");
   // Softmax attention keeping O and the rows' log-sum-exp, never A (transformer_lrp.ops.attention_forward).
-  m.def("attention_forward(Tensor query, Tensor key, Tensor value, float scale, Tensor? key_mask) -> (Tensor, Tensor)");
+  m.def(
+      "attention_forward(Tensor query, Tensor key, Tensor value, float scale, Tensor? key_mask, bool causal) -> "
+      "(Tensor, Tensor)");
   // Its backward carrying gradient and relevance, with the head-reduced map (ops.attention_relevance); map_mode
   // 0 none, 1 transformer attribution, 2 GAE, 3 rollout, 4 partial LRP. Returns (grad_q, grad_k, grad_v, rel_q,
   // rel_k, rel_v, rollout_rows, rollout_product, map), an empty [0] tensor where not asked for.
   m.def(
       "attention_relevance(Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, float scale, "
       "Tensor? grad_out, Tensor? rel_out, Tensor? key_mask, bool mask_add, int map_mode, Tensor? rollout, "
-      "bool normalize_rows, bool want_map, bool inputs, bool mask_add_normalized) -> "
+      "bool normalize_rows, bool want_map, bool inputs, bool mask_add_normalized, bool causal) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Attention GradCAM's head-weighted map: (E[:, row], per-sample min, max) (ops.attention_weighted_map).
+  // Attention GradCAM's head-weighted map: (E[b, rows[b]], per-sample min, max) (ops.attention_weighted_map).
   m.def(
       "attention_weighted_map(Tensor query, Tensor key, Tensor lse, float scale, Tensor weights, Tensor? key_mask, "
-      "int row) -> (Tensor, Tensor, Tensor)");
+      "Tensor rows, bool causal) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tlrp, CUDA, m) {

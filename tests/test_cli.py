@@ -98,7 +98,7 @@ def test_errors_are_clear_and_leave_nothing(tmp_path, timm_checkpoint, capsys, c
                      "does not match timm:vit_small_patch16_224"),
         "unsupported": (["explain", "--image", good, "--model", "timm:resnet18"], "unsupported"),
         "both": (["explain", "--image", good, "--text", "hi"], "either --image"),
-        "none": (["explain"], "either --image"),
+        "none": (["explain"], "nothing to explain"),
     }
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
     args, match = argv[case]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import _models as M
 import pytest
+import test_clip
 import torch
 
 import transformer_lrp as tl
@@ -115,6 +116,8 @@ FAMILIES = {
     "bert_types_padded": (M.hf_bert, lambda: M.text_batch(with_types=True)),
     "roberta": (M.hf_roberta, lambda: M.text_batch()),
     "distilbert_padded": (M.hf_distilbert, lambda: M.text_batch((9, 4))),
+    "clip_padded_causal": (lambda: test_clip.hf_clip(), lambda: {**test_clip.batch(), "pixel_values":
+                                                                  test_clip.batch()["pixel_values"].float()}),
 }
 CALLS = [("transformer_attribution", dict(start_layer=0)), ("transformer_attribution", dict(start_layer=1,
          normalize_rows=True)), ("transformer_attribution", dict(start_layer=-1, normalize_rows=True)),

@@ -44,20 +44,21 @@ def _sizes(b, h, nq, nk, d):
     return torch.tensor([b, h, nq, nk, d], dtype=torch.int64)
 
 
-def host_forward(lib, q, k, v, scale, key_mask=None):
+def host_forward(lib, q, k, v, scale, key_mask=None, causal=False):
     b, h, nq, d = q.shape
     nk = k.shape[2]
     out, lse = torch.empty_like(q), q.new_empty(b, h, nq)
     keep = None if key_mask is None else key_mask.to(torch.uint8).contiguous()
     sizes = _sizes(b, h, nq, nk, d)
     getattr(lib, f"tlrp_host_forward_{_suffix(q.dtype)}")(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(keep), _ptr(out), _ptr(lse), _ptr(sizes), _scalar(q.dtype, scale))
+        _ptr(q), _ptr(k), _ptr(v), _ptr(keep), _ptr(out), _ptr(lse), _ptr(sizes), _scalar(q.dtype, scale),
+        ctypes.c_int64(int(causal)))
     return out, lse
 
 
 def host_relevance(lib, q, k, v, out, lse, scale, grad_out=None, rel_out=None, key_mask=None, mask_add=False,
                    map_mode=None, rollout=None, normalize_rows=False, want_map=False, inputs=True,
-                   mask_add_normalized=True):
+                   mask_add_normalized=True, causal=False):
     """attention_relevance_cuda's host code with the harness in place of the two kernels."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -78,7 +79,7 @@ def host_relevance(lib, q, k, v, out, lse, scale, grad_out=None, rel_out=None, k
     common = (_ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(half_s), _ptr(lse), _ptr(delta), _ptr(keep))
     if need_grad or need_rel or want_rowsum:  # the query-side kernel
         flags = torch.tensor([need_grad, need_rel, mask_add and need_rel, mode, need_dp, need_ra,
-                              mode if want_rowsum else 0], dtype=torch.int64)
+                              mode if want_rowsum else 0, causal], dtype=torch.int64)
         call(*common, _ptr(None), _ptr(dq), _ptr(rq), _ptr(rowsum), *(_ptr(None),) * 7, _ptr(sizes),
              _scalar(q.dtype, scale), _ptr(flags))
     result = {}
@@ -97,7 +98,7 @@ def host_relevance(lib, q, k, v, out, lse, scale, grad_out=None, rel_out=None, k
     sums = new(b, h, nk, 2) if (mask_add and need_rel) else None
     mapout = q.new_zeros(b, nq, nk) if want_map else None
     if need_grad or need_rel or rolling or want_map:  # the key-side kernel
-        flags = torch.tensor([need_grad, need_rel, mask_add and need_rel, mode, need_dp, need_ra, 0],
+        flags = torch.tensor([need_grad, need_rel, mask_add and need_rel, mode, need_dp, need_ra, 0, causal],
                              dtype=torch.int64)
         call(*common, _ptr(weights), *(_ptr(None),) * 3, _ptr(dk), _ptr(dv), _ptr(rk), _ptr(rv), _ptr(roll),
              _ptr(sums), _ptr(mapout), _ptr(sizes), _scalar(q.dtype, scale), _ptr(flags))
@@ -148,12 +149,15 @@ def _close(out, ref, tol, name):
     assert err <= tol, f"{name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-def test_forward_math(lib, shape, masked):
+def test_forward_math(lib, shape, masked, causal):
+    if causal and shape[2] != shape[3]:
+        pytest.skip("causal attention: NQ == NK")
     q, k, v, key_mask = _inputs(shape, torch.float64, masked)[:4]
-    out, lse = host_forward(lib, q, k, v, 0.37, key_mask)
-    ref_o, ref_lse = attention_forward_ref(q, k, v, 0.37, key_mask)
+    out, lse = host_forward(lib, q, k, v, 0.37, key_mask, causal)
+    ref_o, ref_lse = attention_forward_ref(q, k, v, 0.37, key_mask, causal)
     _close(out, ref_o, 1e-13, "O")
     _close(lse, ref_lse, 1e-13, "lse")
     # a query with no real key: O = 0, not 0/0
@@ -172,9 +176,11 @@ SETTINGS = [
     dict(map_mode="partial_lrp", mask_add=True, mask_add_normalized=False, normalize_rows=False),
     dict(map_mode="transformer_attribution", inputs=False),
     dict(map_mode=None),
+    dict(map_mode="transformer_attribution", causal=True, normalize_rows=True),
+    dict(map_mode="gae", causal=True),
 ]
 SETTING_IDS = ["ta_maskadd", "ta_norm", "gae_norm", "rollout", "baseline_maskadd", "partial_lrp", "map_only",
-               "grad_only"]
+               "grad_only", "ta_causal", "gae_causal"]
 
 
 def _kwargs(setting, inputs):
@@ -195,10 +201,12 @@ def _kwargs(setting, inputs):
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 def test_backward_math(lib, shape, setting, dtype):
+    if setting.get("causal") and shape[2] != shape[3]:
+        pytest.skip("causal attention: NQ == NK")
     inputs = _inputs(shape, dtype, masked=True)
     q, k, v = inputs[:3]
     kw = _kwargs(setting, inputs)
-    o, lse = attention_forward_ref(q, k, v, 0.37, kw["key_mask"])
+    o, lse = attention_forward_ref(q, k, v, 0.37, kw["key_mask"], kw.get("causal", False))
     out = host_relevance(lib, q, k, v, o, lse, 0.37, **kw)
     ref = attention_relevance_ref(q, k, v, o, lse, 0.37, **kw)
     assert set(out) == set(ref)
@@ -265,26 +273,26 @@ def tlrp_ops_on_cpu(lib, monkeypatch):
             return fn(*args)
         return run
 
-    def forward(q, k, v, scale, key_mask):
-        return host_forward(lib, q.contiguous(), k.contiguous(), v.contiguous(), scale, key_mask)
+    def forward(q, k, v, scale, key_mask, causal):
+        return host_forward(lib, q.contiguous(), k.contiguous(), v.contiguous(), scale, key_mask, causal)
 
     def relevance(q, k, v, out, lse, scale, grad_out, rel_out, key_mask, mask_add, map_mode, rollout,
-                  normalize_rows, want_map, inputs, mask_add_normalized):
+                  normalize_rows, want_map, inputs, mask_add_normalized, causal):
         def c(t):
             return None if t is None else t.contiguous()
 
         res = host_relevance(lib, c(q), c(k), c(v), c(out), c(lse), scale, grad_out=c(grad_out), rel_out=c(rel_out),
                              key_mask=key_mask, mask_add=mask_add, map_mode=MAP_MODES[map_mode], rollout=rollout,
                              normalize_rows=normalize_rows, want_map=want_map, inputs=inputs,
-                             mask_add_normalized=mask_add_normalized)
+                             mask_add_normalized=mask_add_normalized, causal=causal)
         names = ("grad_query", "grad_key", "grad_value", "rel_query", "rel_key", "rel_value", "rollout_rows",
                  "rollout_product", "map")
         return tuple(res[n] if n in res else q.new_empty(0) for n in names)
 
     impls = dict(
         attention_forward=forward, attention_relevance=relevance,
-        attention_weighted_map=lambda q, k, lse, scale, w, mask, row: attention_weighted_map_ref(
-            q, k, lse, scale, w, mask, row),
+        attention_weighted_map=lambda q, k, lse, scale, w, mask, rows, causal: attention_weighted_map_ref(
+            q, k, lse, scale, w, mask, rows, causal),
         layernorm_relevance=lambda u, v, w, eps, g, r, g_res, r_res: layernorm_relevance_ref(
             u, v, w, None, eps, g, r, g_res, r_res),
         normalized_add=normalized_add_ref)

@@ -117,7 +117,7 @@ def test_attention_fake_kernels_match_reference_shapes(setting):
     def meta(t):
         return t.to("meta") if torch.is_tensor(t) else t
 
-    fake_o, fake_lse = torch.ops.tlrp.attention_forward(meta(q), meta(k), meta(v), 0.3, meta(kw["key_mask"]))
+    fake_o, fake_lse = torch.ops.tlrp.attention_forward(meta(q), meta(k), meta(v), 0.3, meta(kw["key_mask"]), False)
     assert (fake_o.shape, fake_lse.shape, fake_lse.dtype) == (o.shape, lse.shape, lse.dtype)
     out = _relevance_cuda(*(meta(t) for t in (q, k, v, o, lse)), 0.3, **{n: meta(t) for n, t in kw.items()})
     assert set(out) == set(ref)
@@ -146,7 +146,10 @@ def test_cuda_attention_matches_reference(shape, dtype):
     tol = 1e-11 if dtype == torch.float64 else 3e-6
     assert (o_c - o).abs().max() <= tol * o.abs().max() and (lse_c - lse).abs().max() <= tol * lse.abs().max()
     for setting in SETTINGS:
+        if setting.get("causal") and q.shape[2] != k.shape[2]:
+            continue  # a causal mask needs NQ == NK
         kw = _kwargs(setting, inputs)
+        o, lse = attention_forward(q, k, v, 0.37, inputs[3], backend="torch", causal=kw.get("causal", False))
         ref = attention_relevance(q, k, v, o, lse, 0.37, backend="torch", **kw)
         out = attention_relevance(q, k, v, o, lse, 0.37, backend="cuda", **kw)
         assert set(out) == set(ref), setting
@@ -159,10 +162,10 @@ def test_cuda_attention_matches_reference(shape, dtype):
             err = float((out[name].double() - ref64[name]).abs().max() / scale)
             assert err <= (tol if dtype == torch.float64 else max(4 * own, tol)), (setting, name, err, own)
     kw = _kwargs(SETTINGS[0], inputs)
-    torch.library.opcheck(torch.ops.tlrp.attention_forward.default, (q, k, v, 0.37, inputs[3]))
+    torch.library.opcheck(torch.ops.tlrp.attention_forward.default, (q, k, v, 0.37, inputs[3], False))
     torch.library.opcheck(torch.ops.tlrp.attention_relevance.default,
                           (q, k, v, o, lse, 0.37, kw["grad_out"], kw["rel_out"], inputs[3], True, 1, kw["rollout"],
-                           False, True, True, True))
+                           False, True, True, True, False))
 
 
 @pytest.mark.skipif(not _cuda_ready(), reason="needs the extension and a GPU")

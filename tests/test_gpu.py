@@ -106,3 +106,17 @@ def test_automatic_backend_switch(monkeypatch):
     monkeypatch.setattr(_backend, "TRITON_VALIDATED_ON_GPU", True)
     assert _backend.select_backend(None, (x,)) == "triton"
     assert _backend.select_backend(None, (x.cpu(),)) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("method", ["transformer_attribution", "gae", "attention_gradcam"])
+def test_clip_cuda_matches_cpu_reference(method, backend):
+    """CLIP on the GPU (the text tower's causal mask in each backend's attention) against the CPU float64 run."""
+    _skip_unbuilt(backend)
+    import test_clip
+
+    model, inputs = test_clip.hf_clip(), test_clip.batch()
+    ref = tl.explain(model, inputs, method=method)
+    out = tl.explain(model.cuda(), _to(inputs, "cuda"), method=method, backend=backend)
+    for got, want in ((out.image.relevance, ref.image.relevance), (out.text.relevance, ref.text.relevance)):
+        assert float((got.cpu() - want).abs().max() / want.abs().max()) <= 1e-9

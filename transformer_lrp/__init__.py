@@ -5,7 +5,7 @@ from transformer_lrp.adapters import SUPPORTED, build_encoder
 from transformer_lrp.adapters.spec import clear_cache
 from transformer_lrp.api import explain
 from transformer_lrp.errors import InputError, UnsupportedModelError
-from transformer_lrp.explanation import Explanation
+from transformer_lrp.explanation import ClipExplanation, Explanation
 from transformer_lrp.methods import METHODS
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "SUPPORTED",
+    "ClipExplanation",
     "Explanation",
     "InputError",
     "UnsupportedModelError",

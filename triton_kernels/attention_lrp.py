@@ -86,6 +86,16 @@ def _query_tile(Q, DO, HS, LSE, DELTA, i_b, i_h, i_bh, o_m, m_m, o_d, m_d, s_qb,
     return b_q, b_lse, b_do, b_hs, b_delta
 
 
+@triton.jit
+def _pairs(o_m, o_n, m_m, valid_n, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs of a tile attend: queries in range, real keys, and (causal, the CLIP text tower)
+    keys at or before the query."""
+    valid = m_m[:, None] & valid_n[None, :]
+    if CAUSAL:
+        valid = valid & (o_n[None, :] <= o_m[:, None])
+    return valid
+
+
 @triton.jit(do_not_specialize=_SIZES)
 def _attn_fwd_kernel(
     Q, K, V, KEEP, OUT, LSE,  # Q [B,H,NQ,d], K/V [B,H,NK,d] (last stride 1), KEEP [B,NK] int8, OUT like Q,
@@ -93,7 +103,7 @@ def _attn_fwd_kernel(
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
     CONSTS,  # [scale, …] in the compute dtype
     H, NQ, NK, HEAD_DIM,
-    HAS_MASK: tl.constexpr, DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
@@ -112,9 +122,10 @@ def _attn_fwd_kernel(
         valid, b_k, b_v = _key_tile(K, V, KEEP, i_b, i_h, o_n, o_d, m_d, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NK,
                                     HAS_MASK, MM)
         b_s = _mm(b_q, tl.trans(b_k), MM, DT, PREC)
-        b_s = tl.where(valid[None, :], b_s, _NEG)
+        valid2 = _pairs(o_m, o_n, m_m, valid, CAUSAL)
+        b_s = tl.where(valid2, b_s, _NEG)
         new_max = tl.maximum(row_max, tl.max(b_s, axis=1))
-        b_p = tl.where(valid[None, :], tl.exp(b_s - new_max[:, None]), 0.0)
+        b_p = tl.where(valid2, tl.exp(b_s - new_max[:, None]), 0.0)
         alpha = tl.exp(row_max - new_max)
         row_sum = row_sum * alpha + tl.sum(b_p, axis=1)
         acc = acc * alpha[:, None] + _mm(b_p, b_v, MM, DT, PREC)
@@ -178,8 +189,8 @@ def _attn_bwd_kv_kernel(
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_hb, s_hh, s_hn,
     CONSTS,  # [scale, eps·scale, 1/H, eps] in the compute dtype (a float argument would be float32 on a GPU)
     H, NQ, NK, HEAD_DIM,
-    HAS_MASK: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_REL: tl.constexpr,
-    MAP: tl.constexpr, ROLLOUT: tl.constexpr, WANT_MAP: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr,
+    NEED_REL: tl.constexpr, MAP: tl.constexpr, ROLLOUT: tl.constexpr, WANT_MAP: tl.constexpr,
     NEED_DP: tl.constexpr, NEED_RA: tl.constexpr,  # dO Vᵀ, and R_A, are needed (gradient / relevance / map)
     DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -204,7 +215,7 @@ def _attn_bwd_kv_kernel(
     for start in range(0, NQ, BLOCK_M):
         o_m = start + tl.arange(0, BLOCK_M)
         m_m = o_m < NQ
-        valid = m_m[:, None] & valid_n[None, :]
+        valid = _pairs(o_m, o_n, m_m, valid_n, CAUSAL)
         b_q, b_lse, b_do, b_hs, b_delta = _query_tile(
             Q, DO, HS, LSE, DELTA, i_b, i_h, i_bh, o_m, m_m, o_d, m_d, s_qb, s_qh, s_qn, s_db, s_dh, s_dn, s_hb, s_hh,
             s_hn, NQ, NEED_DP, NEED_GRAD, NEED_RA, DT, MM, BLOCK_M, BLOCK_D)
@@ -252,8 +263,8 @@ def _attn_bwd_q_kernel(
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, s_hb, s_hh, s_hn,
     CONSTS,  # [scale, eps·scale, 1/H, eps]
     H, NQ, NK, HEAD_DIM,
-    HAS_MASK: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_REL: tl.constexpr,
-    MAP: tl.constexpr, WANT_ROWSUM: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, MASK_ADD: tl.constexpr, NEED_GRAD: tl.constexpr,
+    NEED_REL: tl.constexpr, MAP: tl.constexpr, WANT_ROWSUM: tl.constexpr,
     NEED_DP: tl.constexpr, NEED_RA: tl.constexpr,
     DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -275,7 +286,7 @@ def _attn_bwd_q_kernel(
         o_n = start + tl.arange(0, BLOCK_N)
         valid_n, b_k, b_v = _key_tile(K, V, KEEP, i_b, i_h, o_n, o_d, m_d, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, NK,
                                       HAS_MASK, MM)
-        valid = m_m[:, None] & valid_n[None, :]
+        valid = _pairs(o_m, o_n, m_m, valid_n, CAUSAL)
         b_sc, b_p, b_dp, b_ra, b_ds = _tile(b_q, b_k, b_v, b_do, b_hs, b_lse, b_delta, valid, scale,
                                             NEED_DP, NEED_RA, NEED_GRAD, DT, MM, PREC)
         if NEED_GRAD:
@@ -295,15 +306,16 @@ def _attn_bwd_q_kernel(
         tl.store(ROWSUM + i_bh * NQ + o_m, acc_row.to(ROWSUM.dtype.element_ty), mask=m_m)
 
 
-@triton.jit(do_not_specialize=(*_SIZES, "ROW_INDEX"))
+@triton.jit(do_not_specialize=_SIZES)
 def _attn_weighted_map_kernel(
     Q, K, LSE, KEEP, W,  # W [B, H]: per-head weights (already divided by H)
-    ROW,  # out: [B, NK] the map's row ``ROW_INDEX``
+    ROWS,  # [B] int32: the query row returned per sample (the CLS row, or CLIP text's EOS position)
+    ROW,  # out: [B, NK] the map's row
     PART,  # out: [B, NK, 2] per key, min and max of the map over the real queries (±inf at padded keys)
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn,
     CONSTS,  # [scale, …]
-    H, NQ, NK, HEAD_DIM, ROW_INDEX,
-    HAS_MASK: tl.constexpr, DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
+    H, NQ, NK, HEAD_DIM,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, MM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One key tile of ``E = (Σ_h W_h A_h)⁺`` (attention GradCAM's head-weighted map), heads summed in registers,
@@ -312,6 +324,7 @@ def _attn_weighted_map_kernel(
     i_b = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     scale = tl.load(CONSTS)
+    row_index = tl.load(ROWS + i_b)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_n, m_d = o_n < NK, o_d < HEAD_DIM
@@ -333,13 +346,13 @@ def _attn_weighted_map_kernel(
             b_q = _load_rows(Q + i_b * s_qb + i_h * s_qh, o_m, m_m, o_d, m_d, s_qn, MM)
             b_lse = tl.load(LSE + (i_b * H + i_h) * NQ + o_m, mask=m_m, other=0.0).to(DT)
             b_sc = _mm(b_q * scale, tl.trans(b_k), MM, DT, PREC)
-            b_p = tl.where(m_m[:, None] & valid_n[None, :], tl.exp(b_sc - b_lse[:, None]), 0.0)
+            b_p = tl.where(_pairs(o_m, o_n, m_m, valid_n, CAUSAL), tl.exp(b_sc - b_lse[:, None]), 0.0)
             acc += tl.load(W + i_b * H + i_h).to(DT) * b_p
         b_e = tl.maximum(acc, 0.0)
         real = real_m[:, None] & valid_n[None, :]
         lo = tl.minimum(lo, tl.min(tl.where(real, b_e, float("inf")), axis=0))
         hi = tl.maximum(hi, tl.max(tl.where(real, b_e, float("-inf")), axis=0))
-        row += tl.sum(tl.where(o_m[:, None] == ROW_INDEX, b_e, 0.0), axis=0)
+        row += tl.sum(tl.where(o_m[:, None] == row_index, b_e, 0.0), axis=0)
     tl.store(ROW + i_b * NK + o_n, row.to(ROW.dtype.element_ty), mask=m_n)
     tl.store(PART + (i_b * NK + o_n) * 2, lo.to(PART.dtype.element_ty), mask=m_n)
     tl.store(PART + (i_b * NK + o_n) * 2 + 1, hi.to(PART.dtype.element_ty), mask=m_n)
@@ -380,22 +393,30 @@ def product_class(t: torch.Tensor) -> str:
 
 
 def attention_candidates(kernel: str, products: str, block_d: int, nq: int, nk: int, arch: int,
-                         heavy: bool = False) -> tuple[Candidate, ...]:
+                         heavy: bool = False, causal: bool = False) -> tuple[Candidate, ...]:
     """Tile candidates of one attention launch, the default first (``_ATTENTION_TILES``, plus ``_SM90_EXTRA`` on
-    Hopper); tiles shrink to the problem (at least 16, for ``tl.dot``) and duplicates are dropped.
+    Hopper; ``_CAUSAL_TILES`` in place of the list for a causal mask); tiles shrink to the problem (at least 16, for
+    ``tl.dot``) with the warps scaled down alongside (at least 4), so that each warp keeps the share of the tile that
+    the compile check measured; duplicates are dropped.
 
     ``kernel``: ``fwd``, ``bwd_q``, ``bwd_kv`` or ``map``. ``arch``: the compute capability (``10·major + minor``;
     0 under the interpreter). ``heavy``: the key-tile backward carrying gradient and relevance (four
-    ``[BLOCK_N, d]`` accumulators instead of two), which needs smaller tiles.
+    ``[BLOCK_N, d]`` accumulators instead of two), which needs smaller tiles. ``causal``: the CLIP text tower's
+    mask, whose per-tile comparison costs registers.
     """
     name = "bwd_kv_heavy" if kernel == "bwd_kv" and heavy else kernel
     products = "ieee" if products == "fp64" else products
     width = "wide" if block_d > 64 else "narrow"
     rows = list(_ATTENTION_TILES[name][products][width])
+    if causal:
+        rows = list(_CAUSAL_TILES.get(name, {}).get(products, {}).get(width, rows))
     if arch >= 90:
         rows += _SM90_EXTRA.get(name, {}).get(products, {}).get(width, [])
     cap_m, cap_n = max(16, triton.next_power_of_2(nq)), max(16, triton.next_power_of_2(nk))
-    out = (candidate(w, st, BLOCK_M=min(bm, cap_m), BLOCK_N=min(bn, cap_n)) for bm, bn, w, st in rows)
+    out = []
+    for bm, bn, w, st in rows:
+        m, n = min(bm, cap_m), min(bn, cap_n)
+        out.append(candidate(max(4, min(w, w * m * n // (bm * bn))), st, BLOCK_M=m, BLOCK_N=n))
     return tuple(dict.fromkeys(out))
 
 
@@ -443,6 +464,12 @@ _ATTENTION_TILES = {
         "ieee": {"narrow": [(16, 16, 8, 1), (16, 16, 4, 1)], "wide": [(16, 16, 8, 1)]},
     },
 }
+# With a causal mask (bench/compile_check.py, the CLIP text tower): IEEE float32's forward and TF32's query-tile
+# backward need a smaller tile or fewer accumulator lanes than without it to stay spill-free.
+_CAUSAL_TILES = {
+    "fwd": {"ieee": {"narrow": [(16, 16, 4, 1)]}},
+    "bwd_q": {"tf32": {"narrow": [(64, 16, 8, 2), (16, 32, 4, 2)]}},
+}
 # Hopper only: deeper software pipelines for the forward (more shared memory in flight than on an A100).
 _SM90_EXTRA = {
     "fwd": {"half": {"narrow": [(128, 64, 8, 4)], "wide": [(128, 64, 8, 3)]}, "tf32": {"narrow": [(64, 64, 4, 3)]}},
@@ -487,7 +514,7 @@ _SIZE_KEY = ("NQ", "NK", "HEAD_DIM")
 
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``O = softmax(scale·Q Kᵀ) V`` and ``lse`` (float32, float64 for float64 inputs).
 
@@ -507,8 +534,9 @@ def attention_fwd(
          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
          v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
          _constants(scale, h, q.dtype, q.device), h, nq, nk, d),
-        dict(HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q), BLOCK_D=bd),
-        attention_candidates("fwd", product_class(q), bd, nq, nk, device_arch(q.device)), _SIZE_KEY)
+        dict(HAS_MASK=key_mask is not None, CAUSAL=causal, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q),
+             BLOCK_D=bd),
+        attention_candidates("fwd", product_class(q), bd, nq, nk, device_arch(q.device), causal=causal), _SIZE_KEY)
     return out, lse
 
 
@@ -517,6 +545,7 @@ def attention_bwd(
     grad_out: torch.Tensor | None = None, rel_out: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
     mask_add: bool = False, map_mode: str | None = None, rollout: torch.Tensor | None = None,
     normalize_rows: bool = False, want_map: bool = False, inputs: bool = True, mask_add_normalized: bool = True,
+    causal: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Launcher of the backward; see ``transformer_lrp.ops.attention_relevance`` for the arguments and outputs."""
     q, k, v, out = (_last_dim_contiguous(t) for t in (q, k, v, out))
@@ -545,7 +574,7 @@ def attention_bwd(
     bd = _block_d(d)
     products, arch = product_class(q), device_arch(q.device)
     keep, consts = _keep(key_mask, q), _constants(scale, h, q.dtype, q.device)
-    common = dict(HAS_MASK=key_mask is not None, MASK_ADD=mask_add and need_rel, NEED_GRAD=need_grad,
+    common = dict(HAS_MASK=key_mask is not None, CAUSAL=causal, MASK_ADD=mask_add and need_rel, NEED_GRAD=need_grad,
                   NEED_REL=need_rel, MAP=mode, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q),
                   BLOCK_D=bd)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -563,7 +592,7 @@ def attention_bwd(
             (q, k, v, do, half_s, lse, delta, keep, dq, rq, rowsum, *strides, consts, h, nq, nk, d),
             dict(WANT_ROWSUM=want_rowsum, NEED_DP=need_grad or (want_rowsum and mode in (MAP_TA, MAP_GAE)),
                  NEED_RA=need_rel or (want_rowsum and mode in _NEEDS_RA), **common),
-            attention_candidates("bwd_q", products, bd, nq, nk, arch), _SIZE_KEY)
+            attention_candidates("bwd_q", products, bd, nq, nk, arch, causal=causal), _SIZE_KEY)
         if need_grad:
             result["grad_query"] = dq
         if need_rel:
@@ -590,7 +619,8 @@ def attention_bwd(
              consts, h, nq, nk, d),
             dict(ROLLOUT=rolling, WANT_MAP=want_map, NEED_DP=need_grad or mode in (MAP_TA, MAP_GAE),
                  NEED_RA=need_rel or mode in _NEEDS_RA, **common),
-            attention_candidates("bwd_kv", products, bd, nq, nk, arch, heavy=need_rel and need_grad), _SIZE_KEY,
+            attention_candidates("bwd_kv", products, bd, nq, nk, arch, heavy=need_rel and need_grad, causal=causal),
+            _SIZE_KEY,
             reset=("MAPOUT",) if want_map else ())
     if need_grad:
         result["grad_key"], result["grad_value"] = dk, dv
@@ -611,7 +641,7 @@ def attention_bwd(
 
 def attention_weighted_map(
     q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, weights: torch.Tensor,
-    key_mask: torch.Tensor | None = None, row: int = 0,
+    key_mask: torch.Tensor | None = None, row: int | torch.Tensor = 0, causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launcher; see ``transformer_lrp.ops.attention_weighted_map``."""
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
@@ -620,12 +650,14 @@ def attention_weighted_map(
     acc = accumulation_dtype(q.dtype)
     bd = _block_d(d)
     row_out = torch.empty(b, nk, dtype=acc, device=q.device)
+    rows = torch.as_tensor(row, device=q.device).to(torch.int32).expand(b).contiguous()
     part = torch.empty(b, nk, 2, dtype=acc, device=q.device)
     launch(
         _attn_weighted_map_kernel, lambda meta: (b, triton.cdiv(nk, meta["BLOCK_N"])),
-        (q, k, lse, _keep(key_mask, q), (weights.to(acc) / h).contiguous(), row_out, part,
+        (q, k, lse, _keep(key_mask, q), (weights.to(acc) / h).contiguous(), rows, row_out, part,
          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-         _constants(scale, h, q.dtype, q.device), h, nq, nk, d, row),
-        dict(HAS_MASK=key_mask is not None, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q), BLOCK_D=bd),
-        attention_candidates("map", product_class(q), bd, nq, nk, device_arch(q.device)), _SIZE_KEY)
+         _constants(scale, h, q.dtype, q.device), h, nq, nk, d),
+        dict(HAS_MASK=key_mask is not None, CAUSAL=causal, DT=_compute_dtype(q), MM=_mm_dtype(q), PREC=_precision(q),
+             BLOCK_D=bd),
+        attention_candidates("map", product_class(q), bd, nq, nk, device_arch(q.device), causal=causal), _SIZE_KEY)
     return row_out, part[..., 0].amin(dim=1), part[..., 1].amax(dim=1)

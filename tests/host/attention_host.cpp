@@ -34,9 +34,13 @@ T scaled_dot(const T* q, const T* k, int64_t d, T scale) {  // (scale·q)·k, as
 
 bool real_key(const uint8_t* keep, int64_t b, int64_t j, int64_t nk) { return keep == nullptr || keep[b * nk + j]; }
 
+bool attends(const uint8_t* keep, bool causal, int64_t b, int64_t i, int64_t j, int64_t nk) {
+  return real_key(keep, b, j, nk) && (!causal || j <= i);
+}
+
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const uint8_t* keep, T* out, T* lse, int64_t B, int64_t H,
-             int64_t NQ, int64_t NK, int64_t D, T scale) {
+             int64_t NQ, int64_t NK, int64_t D, T scale, bool causal) {
   std::vector<T> acc(D);
   for (int64_t bh = 0; bh < B * H; ++bh) {
     const int64_t b = bh / H;
@@ -46,7 +50,7 @@ void forward(const T* q, const T* k, const T* v, const uint8_t* keep, T* out, T*
       for (auto& a : acc) a = 0;
       for (int64_t j = 0; j < NK; ++j) {
         T alpha, p;
-        softmax.add(scaled_dot(qi, k + (bh * NK + j) * D, D, scale), real_key(keep, b, j, NK), &alpha, &p);
+        softmax.add(scaled_dot(qi, k + (bh * NK + j) * D, D, scale), attends(keep, causal, b, i, j, NK), &alpha, &p);
         for (int64_t c = 0; c < D; ++c) acc[c] = acc[c] * alpha + p * v[(bh * NK + j) * D + c];
       }
       const T inv = softmax.inv_sum();
@@ -60,6 +64,7 @@ template <typename T>
 struct Inputs {
   const T *q, *k, *v, *grad_out, *half_s, *lse, *delta;
   const uint8_t* keep;
+  bool causal;
   int64_t B, H, NQ, NK, D;
   T scale;
   PairFlags flags;
@@ -73,8 +78,8 @@ PairTerms<T> terms(const Inputs<T>& in, int64_t bh, int64_t i, int64_t j, bool n
   const T dp = need_dp ? dot(in.grad_out + qi, in.v + kj, in.D) : T(0);
   const T hv = need_ra ? dot(in.half_s + qi, in.v + kj, in.D) : T(0);
   const T delta = in.delta ? in.delta[bh * in.NQ + i] : T(0);
-  return tlrp::attn::pair_terms(sc, dp, hv, in.lse[bh * in.NQ + i], delta, real_key(in.keep, b, j, in.NK), in.scale,
-                                flags);
+  return tlrp::attn::pair_terms(sc, dp, hv, in.lse[bh * in.NQ + i], delta, attends(in.keep, in.causal, b, i, j, in.NK),
+                                in.scale, flags);
 }
 
 // The query-side kernel: dQ, R_Q (without the mask add's factor) and the row sums of E.
@@ -133,7 +138,7 @@ void backward_key(const Inputs<T>& in, bool need_dp, bool need_ra, const T* weig
         sum_r_sc += t.r_sc;
         sum_ra += t.ra;
         if (weights) acc_roll += weights[b * in.NQ + i] * t.e;
-        if (map && real_key(in.keep, b, j, in.NK)) map[(b * in.NQ + i) * in.NK + j] += t.e / T(in.H);
+        if (map && attends(in.keep, in.causal, b, i, j, in.NK)) map[(b * in.NQ + i) * in.NK + j] += t.e / T(in.H);
       }
       const int64_t off = (bh * in.NK + j) * in.D;
       for (int64_t c = 0; c < in.D; ++c) {
@@ -157,18 +162,20 @@ void backward_key(const Inputs<T>& in, bool need_dp, bool need_ra, const T* weig
 
 }  // namespace
 
-// sizes: [B, H, NQ, NK, D]; flags: [need_grad, need_rel, mask_add, map_mode, need_dp, need_ra, rowsum_map_mode]
+// sizes: [B, H, NQ, NK, D]; flags: [need_grad, need_rel, mask_add, map_mode, need_dp, need_ra, rowsum_map_mode,
+// causal]
 #define TLRP_HOST_ENTRY_POINTS(T, SUFFIX)                                                                          \
   extern "C" void tlrp_host_forward_##SUFFIX(const T* q, const T* k, const T* v, const uint8_t* keep, T* out,     \
-                                              T* lse, const int64_t* sizes, T scale) {                           \
-    forward<T>(q, k, v, keep, out, lse, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], scale);                \
+                                              T* lse, const int64_t* sizes, T scale, int64_t causal) {           \
+    forward<T>(q, k, v, keep, out, lse, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], scale, causal != 0);   \
   }                                                                                                                \
   extern "C" void tlrp_host_backward_##SUFFIX(                                                                     \
       const T* q, const T* k, const T* v, const T* grad_out, const T* half_s, const T* lse, const T* delta,        \
       const uint8_t* keep, const T* weights, T* dq, T* rq, T* rowsum, T* dk, T* dv, T* rk, T* rv, T* roll, T* sums, \
       T* map, const int64_t* sizes, T scale, const int64_t* flags) {                                               \
     const PairFlags f{flags[0] != 0, flags[1] != 0, flags[2] != 0, static_cast<int>(flags[3])};                   \
-    const Inputs<T> in{q, k, v, grad_out, half_s, lse, delta, keep, sizes[0], sizes[1], sizes[2], sizes[3],       \
+    const Inputs<T> in{q, k, v, grad_out, half_s, lse, delta, keep, flags[7] != 0, sizes[0], sizes[1], sizes[2],  \
+                       sizes[3],                                                                                   \
                        sizes[4], scale, f};                                                                        \
     if (dq || rq || rowsum)                                                                                        \
       backward_query<T>(in, flags[4] != 0, flags[5] != 0, static_cast<int>(flags[6]), dq, rq, rowsum);            \

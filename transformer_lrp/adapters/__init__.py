@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from transformer_lrp.adapters import hf, timm_vit
+from transformer_lrp.adapters import clip, hf, timm_vit
 from transformer_lrp.adapters.spec import EncoderSpec
 from transformer_lrp.errors import UnsupportedModelError
 
@@ -14,6 +14,7 @@ SUPPORTED = (
     "transformers RobertaForSequenceClassification",
     "transformers DistilBertForSequenceClassification",
     "transformers ViTForImageClassification",
+    "transformers CLIPModel and open_clip CLIP (image-text similarity: explain(model, images and texts))",
 )
 
 
@@ -24,6 +25,14 @@ def build_encoder(model: nn.Module) -> EncoderSpec:
     for adapter in (timm_vit, hf):
         if adapter.matches(model):
             return adapter.build(model)
+    if clip.matches(model):
+        raise UnsupportedModelError(f"{type(model).__name__} is an image-text model: it has two towers, built by "
+                                    "adapters.clip.build (explain() takes it with images and texts)")
+    if clip.is_clip_like(model):
+        raise UnsupportedModelError(f"unsupported image-text model {type(model).__name__}: only whole CLIP models "
+                                    "with class-token pooling (transformers CLIPModel, open_clip CLIP) are supported; "
+                                    "attention pooling (SigLIP's MAP head, CoCa) has no relevance rule here, and a "
+                                    "single tower (CLIPVisionModel, CLIPTextModel) has no similarity to explain")
     raise UnsupportedModelError(
         f"unsupported model class {type(model).__module__}.{type(model).__name__}; supported: " + "; ".join(SUPPORTED)
     )

@@ -87,6 +87,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "silu": F.silu,
     "tanh": torch.tanh,
+    # CLIP's embedding normalization (a head layer): an identity for relevance, as LayerNorm
+    "l2_normalize": lambda x: F.normalize(x, dim=-1),
 }
 
 
@@ -110,6 +112,7 @@ class BlockSpec:
     # BERT-style additive padding mask inside the attention: the original code propagates relevance through
     # that add (its rule there is ≈ identity); other models mask without an add.
     mask_add: bool = False
+    causal: bool = False  # a causal mask (CLIP's text tower): keys after the query are masked
 
     @property
     def fused_qkv(self) -> bool:
@@ -137,6 +140,9 @@ class Embedded:
     # Relevance of the encoder input → relevance of the model input (full LRP): vision returns pixels [B, H, W]
     # and tokens [B, P]; text returns tokens [B, N]. Arguments: (relevance [B, N, D], add_rule).
     to_input: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    # The token the head reads, per sample (CLIP text: the EOS position), in place of the head branch's fixed
+    # token; None: the branch's token (CLS). Set, the top block computes every row.
+    pool_index: torch.Tensor | None = None
 
 
 @dataclass

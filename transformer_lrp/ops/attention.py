@@ -64,19 +64,33 @@ KERNELS = {"attention_forward": ("triton", "cuda"), "attention_relevance": ("tri
 MAP_MODES = (None, "transformer_attribution", "gae", "rollout", "partial_lrp")
 
 
-def _masked_scores(query, key, scale, key_mask):
+def _masked_scores(query, key, scale, key_mask, causal=False):
     scores = (query * scale) @ key.transpose(-1, -2)
-    if key_mask is None:
+    attend = _attended(key_mask, causal, query.shape[2], key.shape[2], scores.device)
+    if attend is None:
         return scores, scores
-    return scores, scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    return scores, scores.masked_fill(~attend, torch.finfo(scores.dtype).min)
+
+
+def _attended(key_mask, causal, nq, nk, device):
+    """Which (query, key) pairs attend, broadcastable to ``[B, H, NQ, NK]`` (``None``: all): real keys, and with
+    ``causal`` (the CLIP text tower; ``NQ == NK``) keys at or before the query."""
+    attend = None if key_mask is None else key_mask[:, None, None, :]
+    if causal:
+        if nq != nk:
+            raise ValueError(f"causal attention needs as many query rows as keys, got {nq} and {nk}")
+        tri = torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
+        attend = tri if attend is None else attend & tri
+    return attend
 
 
 def attention_forward_ref(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(O, lse)``: ``O = softmax(scale·Q Kᵀ, padded keys masked) V``; ``lse`` the rows' log-sum-exp (float32 for
     half inputs). Reference of ``attention_forward`` (materializes ``[B, H, NQ, NK]``)."""
-    _, masked = _masked_scores(query, key, scale, key_mask)
+    _, masked = _masked_scores(query, key, scale, key_mask, causal)
     acc = accumulation_dtype(masked.dtype)
     lse = masked.to(acc).logsumexp(dim=-1)
     attn = masked.softmax(dim=-1, dtype=acc).to(query.dtype)
@@ -86,7 +100,7 @@ def attention_forward_ref(
 @profiled
 def attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
-    out: torch.Tensor | None = None, backend: str | None = "torch",
+    out: torch.Tensor | None = None, backend: str | None = "torch", causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention keeping what the fused backward needs.
 
@@ -94,9 +108,10 @@ def attention_forward(
         query: `[B, H, NQ, d]` (unscaled); key, value: `[B, H, NK, d]`; any strides.
         scale: applied to the scores.
         key_mask: `[B, NK]` bool, True for real keys (padded keys get probability 0).
-        out: optional `[B, H, NQ, d]` view to write ``O`` into (Triton only), e.g. of the heads-merged buffer.
+        out: optional `[B, H, NQ, d]` view to write ``O`` into, e.g. of the heads-merged buffer.
         backend: ``"torch"`` (reference), ``"triton"`` (``triton_kernels/attention_lrp.py``), ``"cuda"``
             (``csrc/attention_relevance.cu``), ``None`` (automatic).
+        causal: keys after the query get probability 0 (a causal mask, the CLIP text tower; ``NQ == NK``).
 
     Returns:
         ``(O, lse)``: `[B, H, NQ, d]` and the row log-sum-exp `[B, H, NQ]` (float32, float64 for float64 inputs).
@@ -105,18 +120,18 @@ def attention_forward(
     if chosen == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_fwd
 
-        return attention_fwd(query, key, value, scale, key_mask, out)
+        return attention_fwd(query, key, value, scale, key_mask, out, causal)
     if chosen == "cuda":
-        o, lse = torch.ops.tlrp.attention_forward(query, key, value, float(scale), key_mask)
+        o, lse = torch.ops.tlrp.attention_forward(query, key, value, float(scale), key_mask, causal)
         if out is None:
             return o, lse
         return out.copy_(o), lse
-    return attention_forward_ref(query, key, value, scale, key_mask)
+    return attention_forward_ref(query, key, value, scale, key_mask, causal)
 
 
 def attention_relevance_ref(
     query, key, value, out, lse, scale, grad_out=None, rel_out=None, key_mask=None, mask_add=False, map_mode=None,
-    rollout=None, normalize_rows=False, want_map=False, inputs=True, mask_add_normalized=True,
+    rollout=None, normalize_rows=False, want_map=False, inputs=True, mask_add_normalized=True, causal=False,
 ) -> dict[str, torch.Tensor]:
     """Reference of ``attention_relevance``: materializes this block's ``A`` (``lse`` is not read) and drops it on
     return. The gradient of softmax attention written out (``∇A = dO Vᵀ``, ``dS = A ⊙ (∇A − rowsum(∇A ⊙ A))``, as
@@ -124,7 +139,7 @@ def attention_relevance_ref(
     above; each ``[B, H, NQ, NK]`` intermediate is freed once used, so only a few are alive at a time."""
     from transformer_lrp.ops.residual import normalized_add_ref, z_add
 
-    scores, masked = _masked_scores(query, key, scale, key_mask)
+    scores, masked = _masked_scores(query, key, scale, key_mask, causal)
     probs = masked.softmax(dim=-1, dtype=accumulation_dtype(masked.dtype) if masked.dtype in _HALF else None)
     del masked
     attn = probs.to(query.dtype)  # half inputs: the products read A in their own dtype, as the model's forward
@@ -191,6 +206,7 @@ def attention_relevance(
     want_map: bool = False,
     inputs: bool = True,
     mask_add_normalized: bool = True,
+    causal: bool = False,
     backend: str | None = "torch",
 ) -> dict[str, torch.Tensor]:
     r"""Backward of softmax attention carrying gradient and relevance, with the block's map reduced over heads.
@@ -213,6 +229,7 @@ def attention_relevance(
             ``rollout_product`` `[B, NK]` = ``rollout_rows · Ē`` with ``Ē`` the head mean of ``E``.
         want_map: also return ``map``, the head mean ``Ē`` `[B, NQ, NK]` (never the per-head maps).
         inputs: ``False``: skip the gradients and relevance of Q, K, V (the lowest block needs only the map).
+        causal: the forward's causal mask (``attention_forward``).
         backend: ``"torch"`` (reference, materializes ``A``), ``"triton"``, ``"cuda"`` or ``None`` (automatic).
 
     Returns:
@@ -228,7 +245,7 @@ def attention_relevance(
         raise ValueError("rollout and want_map need a map_mode")
     kwargs = dict(grad_out=grad_out, rel_out=rel_out, key_mask=key_mask, mask_add=mask_add, map_mode=map_mode,
                   rollout=rollout, normalize_rows=normalize_rows, want_map=want_map, inputs=inputs,
-                  mask_add_normalized=mask_add_normalized)
+                  mask_add_normalized=mask_add_normalized, causal=causal)
     chosen = "torch" if backend == "torch" else op_backend("attention_relevance", KERNELS, (query, key, value),
                                                             backend)
     if chosen == "triton":
@@ -245,12 +262,12 @@ _CUDA_OUTPUTS = ("grad_query", "grad_key", "grad_value", "rel_query", "rel_key",
 
 
 def _relevance_cuda(query, key, value, out, lse, scale, *, grad_out, rel_out, key_mask, mask_add, map_mode, rollout,
-                    normalize_rows, want_map, inputs, mask_add_normalized):
+                    normalize_rows, want_map, inputs, mask_add_normalized, causal=False):
     """``torch.ops.tlrp.attention_relevance``, whose outputs are a fixed tuple (an empty tensor where not asked
     for), as the dict of the other backends."""
     outputs = torch.ops.tlrp.attention_relevance(
         query, key, value, out, lse, float(scale), grad_out, rel_out, key_mask, mask_add, MAP_MODES.index(map_mode),
-        rollout, normalize_rows, want_map, inputs, mask_add_normalized)
+        rollout, normalize_rows, want_map, inputs, mask_add_normalized, causal)
     need_grad, need_rel = inputs and grad_out is not None, inputs and rel_out is not None
     rolling, mapping = rollout is not None and map_mode is not None, want_map and map_mode is not None
     asked = (need_grad,) * 3 + (need_rel,) * 3 + (rolling, rolling, mapping)
@@ -281,18 +298,20 @@ def lrp_attention(query, key, value, scale: float, key_mask=None, backend: str |
     return AttentionLRPFunction.apply(query, key, value, scale, key_mask, backend)
 
 
-def attention_weighted_map_ref(query, key, lse, scale, weights, key_mask=None, row=0):
+def attention_weighted_map_ref(query, key, lse, scale, weights, key_mask=None, row=0, causal=False):
     """Reference of ``attention_weighted_map`` (materializes ``A``; ``lse`` is not read)."""
-    _, masked = _masked_scores(query, key, scale, key_mask)
+    _, masked = _masked_scores(query, key, scale, key_mask, causal)
     acc = accumulation_dtype(query.dtype)
     attn = masked.softmax(dim=-1, dtype=acc)
     e = (weights.to(acc)[:, :, None, None] * attn).mean(dim=1).clamp(min=0)
+    rows = torch.as_tensor(row, device=e.device).expand(e.shape[0])
+    at_row = e[torch.arange(e.shape[0], device=e.device), rows]
     if key_mask is None:
-        return e[:, row], e.amin(dim=(1, 2)), e.amax(dim=(1, 2))
+        return at_row, e.amin(dim=(1, 2)), e.amax(dim=(1, 2))
     valid = key_mask[:, :, None] & key_mask[:, None, :]
     lo = torch.where(valid, e, float("inf")).amin(dim=(1, 2))
     hi = torch.where(valid, e, float("-inf")).amax(dim=(1, 2))
-    return e[:, row], lo, hi
+    return at_row, lo, hi
 
 
 @profiled
@@ -303,8 +322,9 @@ def attention_weighted_map(
     scale: float,
     weights: torch.Tensor,
     key_mask: torch.Tensor | None = None,
-    row: int = 0,
+    row: int | torch.Tensor = 0,
     backend: str | None = "torch",
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""The head-weighted attention map of attention GradCAM, ``E = (mean_h w_h A_h)⁺`` (SPEC §4), reduced without
     forming ``[B, H, N, N]``: one row of it and its per-sample min and max over real (query, key) pairs.
@@ -314,7 +334,8 @@ def attention_weighted_map(
         scale: the scores' scale.
         weights: `[B, H]` per-head weights ``w_h``.
         key_mask: `[B, NK]` bool, True for real tokens (rows and columns; NQ == NK then).
-        row: the query row to return (the CLS row: 0).
+        row: the query row to return (the CLS row: 0), or a `[B]` tensor of rows per sample (CLIP text: EOS).
+        causal: the forward's causal mask; its zeros are part of the map (only padding is excluded).
         backend: ``"torch"`` (reference), ``"triton"``, ``"cuda"`` or ``None``.
 
     Returns:
@@ -324,7 +345,9 @@ def attention_weighted_map(
     if chosen == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_weighted_map as launch
 
-        return launch(query, key, lse, scale, weights, key_mask, row)
+        return launch(query, key, lse, scale, weights, key_mask, row, causal)
     if chosen == "cuda":
-        return tuple(torch.ops.tlrp.attention_weighted_map(query, key, lse, float(scale), weights, key_mask, row))
-    return attention_weighted_map_ref(query, key, lse, scale, weights, key_mask, row)
+        rows = torch.as_tensor(row, device=query.device).to(torch.int64).expand(query.shape[0]).contiguous()
+        return tuple(torch.ops.tlrp.attention_weighted_map(query, key, lse, float(scale), weights, key_mask, rows,
+                                                           causal))
+    return attention_weighted_map_ref(query, key, lse, scale, weights, key_mask, row, causal)

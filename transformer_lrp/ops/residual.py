@@ -86,20 +86,22 @@ def clone_relevance(x: torch.Tensor, *relevances: torch.Tensor) -> torch.Tensor:
 
 
 @profiled
-def select_relevance(tokens: torch.Tensor, index: int, relevance: torch.Tensor) -> torch.Tensor:
+def select_relevance(tokens: torch.Tensor, index: int | torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
     r"""G rule of ``tokens[:, index]`` (the CLS pooling): relevance lands on that token only.
 
     Args:
         tokens: `[B, N, D]`, the tensor the pooling read.
-        index: token position.
+        index: token position, or a `[B]` tensor of positions per sample (CLIP text's EOS pooling).
         relevance: `[B, D]`, relevance of the pooled vector.
 
     Returns:
         `[B, N, D]`, zero except at ``index``.
     """
     out = torch.zeros_like(tokens)
-    picked = tokens[:, index]
-    out[:, index] = picked * safe_divide(relevance, picked)
+    at = (slice(None), index) if isinstance(index, int) else (torch.arange(tokens.shape[0], device=tokens.device),
+                                                               index)
+    picked = tokens[at]
+    out[at] = picked * safe_divide(relevance, picked)
     return out
 
 
