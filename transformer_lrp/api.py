@@ -77,13 +77,13 @@ def explain(
         raise InputError(f"unknown method {method!r}; choose one of {methods.METHODS}")
     if cls_relevance not in ("keep", "zero", "min"):
         raise InputError(f"cls_relevance must be 'keep', 'zero' or 'min', got {cls_relevance!r}")
+    if normalize_rows and method not in ("transformer_attribution", "gae", "rollout"):
+        raise InputError(f"normalize_rows applies to transformer_attribution, gae and rollout, not {method!r}")
     if isinstance(model, nn.Module) and clip.matches(model):
         with torch.inference_mode(False):
             return _explain_clip(clip.build(model), inputs, target, method, start_layer, normalize_rows, backend)
     enc = build_encoder(model)
     start = _check_start_layer(method, start_layer, enc.depth)
-    if normalize_rows and method not in ("transformer_attribution", "gae", "rollout"):
-        raise InputError(f"normalize_rows applies to transformer_attribution, gae and rollout, not {method!r}")
     target_t = _target_tensor(target)
     # Under torch.inference_mode() no autograd is possible; the sweep runs outside it (the head's gradient needs
     # autograd), and under torch.no_grad() it enables what it needs itself.
@@ -233,7 +233,7 @@ def _clip_pairs(target: object, n_images: int, n_texts: int, device) -> tuple[to
 
 def _clip_embeddings(spec: clip.ClipSpec, which: str, inputs: object) -> torch.Tensor:
     """The normalized embeddings of one tower, by the sweep's forward."""
-    enc = spec.embedder(which)
+    enc = spec.encoder(which)
     emb = enc.embed(inputs)
     if emb.tokens.shape[0] == 0:
         raise InputError(f"empty batch: no {'image' if which == 'vision' else 'text'}")
@@ -254,8 +254,6 @@ def _explain_clip(spec: clip.ClipSpec, inputs, target, method, start_layer, norm
             ("text", _select_text(text, text_index.to(text_emb.device)), image_index, image_emb)):
         enc = spec.encoder(which, other)
         start = _check_start_layer(method, start_layer, enc.depth)
-        if normalize_rows and method not in ("transformer_attribution", "gae", "rollout"):
-            raise InputError(f"normalize_rows applies to transformer_attribution, gae and rollout, not {method!r}")
         per_tower.append(_explain(enc, tower_inputs, tower_target, method, start, normalize_rows, "keep", backend))
     return ClipExplanation(image=per_tower[0], text=per_tower[1], image_index=image_index, text_index=text_index,
                            logits_per_image=spec.logit_scale * image_emb @ text_emb.T)

@@ -43,25 +43,20 @@ class ClipSpec:
     text: Tower
     logit_scale: torch.Tensor  # exp of the model's learned log-scale (0-dim)
 
-    def encoder(self, which: str, other: torch.Tensor) -> EncoderSpec:
+    def encoder(self, which: str, other: torch.Tensor | None = None) -> EncoderSpec:
         """``which`` tower's EncoderSpec whose logits are the similarities to ``other``, the other tower's
         normalized embeddings `[M, E]`: ``logits[b, m] = logit_scale · ⟨ê_b, other_m⟩`` (``logits_per_image`` for
-        the vision tower, ``logits_per_text`` for the text tower)."""
-        tower = self.vision if which == "vision" else self.text
-        scores = LinearSpec(other.detach() * self.logit_scale, None)
-        head = (("linear", tower.projection), ("act", "l2_normalize"), ("linear", scores))
-        return EncoderSpec(family=f"{self.family}.{which}", modality=tower.modality, blocks=tower.blocks,
-                           final_norm=tower.final_norm, head=(HeadBranch(0, head),), num_classes=int(other.shape[0]),
-                           num_prefix_tokens=1 if which == "vision" else 0, embed=tower.embed,
-                           grid_size=tower.grid_size, image_size=tower.image_size)
-
-    def embedder(self, which: str) -> EncoderSpec:
-        """``which`` tower up to its normalized embedding (the head without the similarity Linear)."""
+        the vision tower, ``logits_per_text`` for the text tower). Without ``other``: the tower up to its normalized
+        embedding ``ê`` (the head without the similarity Linear)."""
         tower = self.vision if which == "vision" else self.text
         head = (("linear", tower.projection), ("act", "l2_normalize"))
+        if other is not None:
+            head += (("linear", LinearSpec(other.detach() * self.logit_scale, None)),)
         return EncoderSpec(family=f"{self.family}.{which}", modality=tower.modality, blocks=tower.blocks,
-                           final_norm=tower.final_norm, head=(HeadBranch(0, head),), num_classes=0,
-                           num_prefix_tokens=0, embed=tower.embed)
+                           final_norm=tower.final_norm, head=(HeadBranch(0, head),),
+                           num_classes=0 if other is None else int(other.shape[0]),
+                           num_prefix_tokens=1 if which == "vision" else 0, embed=tower.embed,
+                           grid_size=tower.grid_size, image_size=tower.image_size)
 
 
 def _class(module: str, name: str):
