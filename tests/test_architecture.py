@@ -107,3 +107,22 @@ def test_no_private_names_across_modules():
 def test_the_layer_table_knows_every_module():
     for m in _modules():
         _layer(m)
+
+
+def test_kernels_import_from_an_uninstalled_source_tree(tmp_path):
+    """A bare GPU machine may run the checkout with ``PYTHONPATH=.`` and no install (or after a failed CUDA build):
+    ``transformer_lrp.triton_kernels`` must still be the top-level ``triton_kernels/`` folder."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()\n"
+        "                 and 'editable' not in type(f).__module__.lower()]\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from transformer_lrp.triton_kernels import _launch\n"
+        "print(_launch.__file__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(ROOT / "triton_kernels" / "_launch.py")

@@ -1,6 +1,28 @@
 """transformer-lrp: class-specific explanations of transformer classifiers (Chefer, Gur & Wolf, CVPR 2021),
 batched, on stock timm and transformers models, with the paper's baselines."""
 
+import importlib.util as _importlib_util
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _kernels_of_source_tree() -> None:
+    """Make ``transformer_lrp.triton_kernels`` the checkout's top-level ``triton_kernels/`` folder when the package is
+    imported from a source tree (``PYTHONPATH=.``, or an install whose CUDA build failed): setup.py maps that folder
+    into the package only when it installs, and a bare GPU machine may run the tree uninstalled."""
+    name = __name__ + ".triton_kernels"
+    folder = _Path(__file__).resolve().parent.parent / "triton_kernels"
+    if name in _sys.modules or not (folder / "attention_lrp.py").is_file():
+        return
+    spec = _importlib_util.spec_from_file_location(name, folder / "__init__.py",
+                                                   submodule_search_locations=[str(folder)])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_kernels_of_source_tree()
+
 from transformer_lrp.adapters import SUPPORTED, build_encoder
 from transformer_lrp.adapters.spec import clear_cache
 from transformer_lrp.api import explain
