@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--tf32", action="store_true")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--csv", default=str(RESULTS), help="where the rows are appended (default: %(default)s)")
     args = ap.parse_args()
     dev = args.device
     if dev == "cuda":
@@ -67,7 +68,6 @@ def main() -> None:
     print(f"machine: {machine()}; torch {torch.__version__}; copy ceiling {bandwidth / 1e9:.0f} GB/s")
     print(f"{'shape':<20} {'dtype':<9} {'op':<10} {'triton ms':>10} {'torch ms':>10} {'speedup':>8} "
           f"{'TFLOP/s':>8} {'% mm':>6} {'GB/s':>7} {'% copy':>7}")
-    rows = []
     for dname in args.dtype.split(","):
         dtype = DTYPES[dname]
         ceiling = matmul_ceiling(dtype, dev)
@@ -87,15 +87,15 @@ def main() -> None:
                 moved = tensors * b * h * n * d * q.element_size() / t_triton
                 print(f"{name:<20} {dname:<9} {op:<10} {t_triton * 1e3:10.3f} {t_torch * 1e3:10.3f} "
                       f"{t_torch / t_triton:8.2f} {flops / 1e12:8.2f} {100 * flops / ceiling:6.1f} "
-                      f"{moved / 1e9:7.1f} {100 * moved / bandwidth:7.1f}")
-                rows.append(dict(date=datetime.date.today().isoformat(), machine=machine(), torch=torch.__version__,
+                      f"{moved / 1e9:7.1f} {100 * moved / bandwidth:7.1f}", flush=True)
+                row = (dict(date=datetime.date.today().isoformat(), machine=machine(), torch=torch.__version__,
                                  shape=name, dtype=dname + ("+tf32" if args.tf32 and dname == "float32" else ""),
                                  op=op, triton_ms=f"{t_triton * 1e3:.4f}", torch_ms=f"{t_torch * 1e3:.4f}",
                                  tflops=f"{flops / 1e12:.3f}", matmul_ceiling_tflops=f"{ceiling / 1e12:.3f}",
                                  gbs=f"{moved / 1e9:.2f}", copy_ceiling_gbs=f"{bandwidth / 1e9:.2f}",
                                  quick=args.quick))
-    if not args.no_save and rows:
-        save_rows(RESULTS, rows)
+                if not args.no_save:  # appended as measured
+                    save_rows(Path(args.csv), [row])
 
 if __name__ == "__main__":
     if not torch.cuda.is_available():

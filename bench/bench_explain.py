@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a per-op breakdown of one call per backend")
     ap.add_argument("--only", default="", help="run only cases whose 'model method' contains this text")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--csv", default=str(RESULTS), help="where the rows are appended (default: %(default)s)")
+    ap.add_argument("--label", default="", help="a note stored with each row (e.g. autotune=1)")
     args = ap.parse_args()
     backends = (args.backend or ("torch,triton" if args.device == "cuda" else "torch")).split(",")
     if args.backend is None and args.device == "cuda":
@@ -188,7 +190,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = args.tf32
     precision = args.dtype + ("+tf32" if args.tf32 and dtype == torch.float32 else "")
 
-    rows = []
+    rows = 0
     vit = vit_case(args.quick, args.vit_batch or args.batch, args.device, dtype)
     bert = bert_case(args.quick, args.bert_batch or args.batch, args.device, args.seq, dtype)
     L_bert = bert[1].config.num_hidden_layers
@@ -199,7 +201,7 @@ def main() -> None:
         (bert, "transformer_attribution", dict(start_layer=L_bert - 1, normalize_rows=True, cls_relevance="min"), 1.3),
         (bert, "gae", dict(start_layer=0), 1.2),
     ]
-    print(f"machine: {machine()}; torch {torch.__version__}; {precision}; median of {args.repeats}")
+    print(f"machine: {machine()}; torch {torch.__version__}; {precision}; median of {args.repeats}", flush=True)
     print(f"{'model':<22} {'method':<24} {'settings':<40} {'backend':<7} {'batch':>5} {'explain s':>9} "
           f"{'grad s':>8} {'ratio':>6} {'goal':>5} {'mem ratio':>9} {'samples/s':>10}")
     profiled = set()
@@ -217,19 +219,20 @@ def main() -> None:
             mem = peak_memory(run, args.device)
             mem_ratio = f"{mem / grad_mem:9.2f}" if mem is not None and grad_mem else f"{'-':>9}"
             print(f"{name:<22} {method:<24} {settings:<40} {backend:<7} {batch:>5} {t_explain:9.4f} {t_grad:8.4f} "
-                  f"{ratio:6.2f} {goal:5.1f} {mem_ratio} {batch / t_explain:10.1f}")
-            rows.append(dict(date=datetime.date.today().isoformat(), machine=machine(), torch=torch.__version__,
-                             model=name, method=method, settings=settings, backend=backend, batch=batch,
-                             dtype=precision, explain_s=f"{t_explain:.5f}", input_grad_s=f"{t_grad:.5f}",
-                             ratio=f"{ratio:.3f}", goal=goal,
-                             peak_mem_ratio="" if mem is None or not grad_mem else f"{mem / grad_mem:.3f}",
-                             samples_per_s=f"{batch / t_explain:.2f}", quick=args.quick))
+                  f"{ratio:6.2f} {goal:5.1f} {mem_ratio} {batch / t_explain:10.1f}", flush=True)
+            row = dict(date=datetime.date.today().isoformat(), machine=machine(), torch=torch.__version__,
+                       model=name, method=method, settings=settings, backend=backend, batch=batch,
+                       dtype=precision, explain_s=f"{t_explain:.5f}", input_grad_s=f"{t_grad:.5f}",
+                       ratio=f"{ratio:.3f}", goal=goal,
+                       peak_mem_ratio="" if mem is None or not grad_mem else f"{mem / grad_mem:.3f}",
+                       samples_per_s=f"{batch / t_explain:.2f}", quick=args.quick, label=args.label)
+            rows += 1
+            if not args.no_save:  # appended as measured: a run cut short keeps its rows
+                save_rows(Path(args.csv), [row])
             if args.profile and (name, backend) not in profiled:
                 profiled.add((name, backend))
                 print(f"\n--- per-op breakdown: {name} {method} backend={backend} ---")
                 print(profile_breakdown(run, args.device))
-    if not args.no_save and rows:
-        save_rows(RESULTS, rows)
 
 
 def save_rows(path: Path, rows: list[dict]) -> None:

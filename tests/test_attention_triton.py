@@ -222,13 +222,14 @@ def test_kernels_bfloat16(shape, monkeypatch):
 
 
 def test_query_without_real_keys_attends_to_nothing():
-    """A sample whose keys are all padding (not reachable through explain: CLS is always real) gets O = 0 from the
-    kernel rather than 0/0 (the reference's finfo.min fill would give uniform attention instead)."""
+    """A sample whose keys are all padding (a left-padded position of a decoder) gets O = 0 from the kernel and from
+    the reference, rather than 0/0 or uniform attention over the masked keys."""
     q, k, v = _inputs(SHAPES[0], torch.float32, masked=False)[:3]
     key_mask = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool, device=DEVICE)
     key_mask[0] = False
     o, lse = attention_forward(q, k, v, 0.5, key_mask, backend="triton")
-    assert torch.equal(o[0], torch.zeros_like(o[0]))
+    ref = attention_forward(q, k, v, 0.5, key_mask, backend="torch")[0]
+    assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.equal(ref[0], torch.zeros_like(ref[0]))
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
 
 

@@ -56,6 +56,29 @@ def test_quick_compile_check_passes(tmp_path):
     assert hot and all(int(r["spill_bytes"]) == 0 for r in hot)
 
 
+# The GPU machine's Triton (3.6), installed beside CI's by scripts/install.sh (pip --target, no dependencies): the
+# kernels must build without spills under both, since each Triton version allocates registers its own way.
+GPU_IMAGE_TRITON = Path(os.environ.get("TLRP_GPU_IMAGE_TRITON", ROOT / ".ci-cache" / "triton-3.6.0"))
+
+
+@pytest.mark.slow
+def test_quick_compile_check_passes_under_the_gpu_images_triton(tmp_path):
+    if not (GPU_IMAGE_TRITON / "triton" / "__init__.py").is_file():
+        pytest.skip(f"no Triton 3.6 at {GPU_IMAGE_TRITON} (scripts/install.sh puts it there)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(GPU_IMAGE_TRITON), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
+                             capture_output=True, text=True, cwd=ROOT)
+    assert version.stdout.strip() == "3.6.0", version.stderr
+    out = tmp_path / "kernel_resources.csv"
+    run = subprocess.run([sys.executable, "bench/compile_check.py", "--quick", "--csv", str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=3000)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = list(csv.DictReader(out.open()))
+    assert {r["kernel"] for r in rows} == _kernel_names()
+    assert all(r["check"] == "ok" for r in rows)
+
+
 @pytest.mark.slow
 def test_cuda_compile_check_passes(tmp_path):
     """csrc/*.cu with nvcc -Xptxas -v for sm_80 and sm_90 (about 90 s on 2 cores): no compile error, no spill, every

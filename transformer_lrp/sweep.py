@@ -125,11 +125,41 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
-def scatter_rows(t: torch.Tensor, rows: list[int], n: int, dim: int) -> torch.Tensor:
-    """``t`` (holding ``rows`` along ``dim``) in a zero tensor with ``n`` entries along ``dim``."""
-    shape = list(t.shape)
-    shape[dim] = n
-    return t.new_zeros(shape).index_copy_(dim, torch.tensor(rows, device=t.device), t)
+_ROW_INDEX: dict[tuple, torch.Tensor] = {}
+
+
+def _row_index(rows: list[int], device: torch.device) -> slice | torch.Tensor:
+    """``rows`` as an index along a token dimension: a slice for a run of consecutive tokens (the pooled CLS, or CLS
+    and distillation token), else an index tensor made once per device. A fresh ``torch.tensor(rows, device=…)``
+    per block would be a host-to-device copy, which synchronizes the stream inside the block loop."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    key = (tuple(rows), str(device))
+    if key not in _ROW_INDEX:
+        _ROW_INDEX[key] = torch.tensor(rows, device=device)
+    return _ROW_INDEX[key]
+
+
+def take_rows(t: torch.Tensor, rows: list[int], dim: int) -> torch.Tensor:
+    """The ``rows`` of ``t`` along ``dim``."""
+    index = _row_index(rows, t.device)
+    if isinstance(index, slice):
+        return t[(slice(None),) * dim + (index,)]
+    return t.index_select(dim, index)
+
+
+def scatter_rows(t: torch.Tensor, rows: list[int], n: int, dim: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` (holding ``rows`` along ``dim``) in a zero tensor with ``n`` entries along ``dim`` (or written into the
+    given ``into``, in place)."""
+    if into is None:
+        shape = list(t.shape)
+        shape[dim] = n
+        into = t.new_zeros(shape)
+    index = _row_index(rows, t.device)
+    if isinstance(index, slice):
+        into[(slice(None),) * dim + (index,)] = t
+        return into
+    return into.index_copy_(dim, index, t)
 
 
 def _scaled(t: torch.Tensor | None, gamma: torch.Tensor | None) -> torch.Tensor | None:
@@ -149,7 +179,7 @@ def block_forward(blk: BlockSpec, x: torch.Tensor, key_mask: torch.Tensor | None
         q, k, v = (split_heads(t, heads, hd) for t in qkv_out)
     x_rows = x
     if rows is not None:
-        q, x_rows = q[:, :, rows], x[:, rows]
+        q, x_rows = take_rows(q, rows, 2), take_rows(x, rows, 1)
     # O written head-interleaved ([B, N, H, d] memory): merging the heads is then a view, not a copy
     b, _, n_rows, _ = q.shape
     buffer = q.new_empty(b, n_rows, heads, hd).transpose(1, 2)
@@ -283,14 +313,15 @@ class StreamingRollout:
             self.v[torch.arange(b, device=like.device), seed] = 1
 
     def rows(self, rows: list[int] | None) -> torch.Tensor:
-        return self.v if rows is None else self.v[:, rows]
+        return self.v if rows is None else take_rows(self.v, rows, 1)
 
     def apply(self, v_rows: torch.Tensor, product: torch.Tensor, rows: list[int] | None = None) -> None:
         """``v ← v_rows + v_rows·Ē``, from the op's ``rollout_rows`` (``v`` at the map's rows, divided by the row
         sums of ``I + Ē`` when normalizing) and ``rollout_product`` (``v_rows·Ē``, every token). A map of the
         pooled rows only is exact at the top block, where ``v`` is still ``e_CLS``."""
-        v = v_rows.to(self.v.dtype) if rows is None else self.v.clone().index_copy_(
-            1, torch.tensor(rows, device=self.v.device), v_rows.to(self.v.dtype))
+        v = v_rows.to(self.v.dtype)
+        if rows is not None:
+            v = scatter_rows(v, rows, self.v.shape[1], 1, into=self.v.clone())
         self.v = v + product.to(self.v.dtype)
 
 
@@ -320,7 +351,7 @@ def to_attention_output(blk: BlockSpec, c: BlockCache, grad, rel, rules: Rules):
     ``None``) of the block output → ``(dL/dctx, R_ctx, dL/dx_res, R_x_res)`` of the heads-merged attention output and
     of the residual branch, at the rows the block computed."""
     norm1, norm2 = blk.norm1, blk.norm2
-    x_rows = c.x if c.rows is None else c.x[:, c.rows]
+    x_rows = c.x if c.rows is None else take_rows(c.x, c.rows, 1)
     # the Linear rules read their inputs: the MLP's (pre-norm: LN2's output) and fc2's, recomputed
     h2 = (blk.norm2(c.mid) if blk.pre_norm else c.mid) if rel is not None else None
     act_out = ACTIVATIONS[blk.act](c.fc1_out) if rel is not None else None

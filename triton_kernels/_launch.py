@@ -7,18 +7,25 @@ runs under the interpreter, with ``TLRP_AUTOTUNE=0``, and wherever there is noth
 every launch the sweep can make is compiled for sm_80 and sm_90a by the compile check, which fails on a compile
 error, on shared memory beyond the arch's limit, or on a register spill in a hot kernel, so the autotuner can
 only pick configurations known to build cleanly.
+
+The autotuner is this module's own (not ``triton.autotune``): it keys each choice on the kernel, its flags, the
+argument dtypes, the device and the launch's size arguments *rounded up to a power of two*, so a batch of texts
+padded to a new length reuses the choice made for its size class instead of re-timing every candidate. Every
+launch runs under a device guard of its tensors' GPU, so a model on ``cuda:1`` launches there whatever the
+current device is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
+import torch
 import triton
 
 from transformer_lrp._target import interpreting, recording
@@ -83,6 +90,14 @@ def autotune_enabled() -> bool:
     return os.environ.get("TLRP_AUTOTUNE", "1") not in ("", "0")
 
 
+def _cuda_device(args: tuple) -> torch.device | None:
+    """The GPU of the launch's tensors (the first CUDA tensor argument), or ``None``."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_cuda:
+            return a.device
+    return None
+
+
 def launch(
     kernel: triton.runtime.JITFunction,
     grid: Callable[[dict], tuple[int, ...]],
@@ -93,25 +108,70 @@ def launch(
     reset: tuple[str, ...] = (),
 ) -> None:
     """Run (or record) one launch; see the module docstring for which candidate runs."""
-    job = Launch(kernel, grid, tuple(args), dict(constexprs), tuple(candidates), tuple(tune_key), tuple(reset))
+    job = Launch(kernel, grid, tuple(args), constexprs, tuple(candidates), tuple(tune_key), tuple(reset))
     rec = recording()
     if rec is not None:
         rec.launches.append(job)
         if not rec.execute:
             return
-    forced = (_FORCED.get() or {}).get(job.name)
-    if forced is not None:
-        job.run(forced)
-    elif interpreting() or len(job.candidates) == 1 or not autotune_enabled():
-        job.run(job.candidates[0])
-    else:
-        tuned = _autotuner(kernel, job.candidates, job.tune_key + tuple(job.constexprs), job.reset)
-        tuned[grid](*job.args, **job.constexprs)
+    device = _cuda_device(job.args)
+    guard = torch.cuda.device(device) if device is not None else contextlib.nullcontext()
+    with guard:
+        forced = (_FORCED.get() or {}).get(job.name)
+        if forced is not None:
+            job.run(forced)
+        elif interpreting() or len(job.candidates) == 1 or not autotune_enabled():
+            job.run(job.candidates[0])
+        else:
+            job.run(_tuned(job, device))
 
 
-@functools.cache
-def _autotuner(kernel, candidates: tuple[Candidate, ...], key: tuple[str, ...], reset: tuple[str, ...]):
-    # Built on first use on a GPU (no device query at import or in a decorator). Triton keys its cache on the
-    # named arguments and the dtypes of the tensor arguments.
-    configs = [triton.Config(c.meta, num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
-    return triton.autotune(configs=configs, key=list(key), reset_to_zero=list(reset) or None)(kernel)
+# (kernel, flags, dtypes, device, bucketed sizes, candidates) → the fastest candidate
+_TUNED: dict[tuple, Candidate] = {}
+
+
+def size_class(n: int) -> int:
+    """A size argument as the autotuner sees it: rounded up to a power of two."""
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def autotune_key(job: Launch, device: torch.device | None) -> tuple:
+    names = job.kernel.arg_names
+    sizes = tuple((name, size_class(job.args[names.index(name)])) for name in job.tune_key)
+    dtypes = tuple(str(a.dtype) for a in job.args if isinstance(a, torch.Tensor))
+    flags = tuple(sorted((k, str(v)) for k, v in job.constexprs.items()))
+    return job.name, flags, dtypes, str(device), sizes, job.candidates
+
+
+def _tuned(job: Launch, device: torch.device | None) -> Candidate:
+    key = autotune_key(job, device)
+    best = _TUNED.get(key)
+    if best is None:
+        best = _TUNED[key] = _time_candidates(job)
+    return best
+
+
+def _time_candidates(job: Launch) -> Candidate:
+    """Times each candidate on this launch's own arguments (outputs accumulated atomically are zeroed before each
+    run and again after) and returns the fastest. A candidate that fails to build or run is skipped."""
+    from triton.testing import do_bench
+
+    names = job.kernel.arg_names
+    zeroed = [job.args[names.index(n)] for n in job.reset]
+
+    def run(cand):
+        for t in zeroed:
+            t.zero_()
+        job.run(cand)
+
+    times = {}
+    for cand in job.candidates:
+        try:
+            times[cand] = do_bench(partial(run, cand), warmup=5, rep=20)
+        except Exception:  # noqa: BLE001 — e.g. out of shared memory on this GPU: not a choice here
+            continue
+    for t in zeroed:
+        t.zero_()
+    if not times:
+        return job.candidates[0]
+    return min(times, key=times.get)

@@ -64,54 +64,95 @@ KERNELS = {"attention_forward": ("triton", "cuda"), "attention_relevance": ("tri
 MAP_MODES = (None, "transformer_attribution", "gae", "rollout", "partial_lrp")
 
 
-def _masked_scores(query, key, scale, key_mask, causal=False):
+def repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys or values of ``H_kv`` heads as ``heads`` query heads (GQA/MQA: each key head serves ``heads / H_kv``
+    consecutive query heads). The references materialize this; the kernels index the shared head instead."""
+    hk = t.shape[1]
+    if hk == heads:
+        return t
+    if hk == 0 or heads % hk:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({hk})")
+    return t.repeat_interleave(heads // hk, dim=1)
+
+
+def sum_groups(t: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """The inverse bookkeeping of ``repeat_kv`` for gradients and relevance: a key head gets the sum over the query
+    heads that read it."""
+    b, h, n, d = t.shape
+    if h == heads_kv:
+        return t
+    return t.view(b, heads_kv, h // heads_kv, n, d).sum(dim=2)
+
+
+def _masked_scores(query, key, scale, key_mask, causal=False, window=None):
+    key = repeat_kv(key, query.shape[1])
     scores = (query * scale) @ key.transpose(-1, -2)
-    attend = _attended(key_mask, causal, query.shape[2], key.shape[2], scores.device)
+    attend = _attended(key_mask, causal, query.shape[2], key.shape[2], scores.device, window)
     if attend is None:
-        return scores, scores
-    return scores, scores.masked_fill(~attend, torch.finfo(scores.dtype).min)
+        return scores, scores, None
+    return scores, scores.masked_fill(~attend, torch.finfo(scores.dtype).min), attend
 
 
-def _attended(key_mask, causal, nq, nk, device):
+def _attended(key_mask, causal, nq, nk, device, window=None):
     """Which (query, key) pairs attend, broadcastable to ``[B, H, NQ, NK]`` (``None``: all): real keys, and with
-    ``causal`` (the CLIP text tower; ``NQ == NK``) keys at or before the query."""
+    ``causal`` (``NQ == NK``) keys at or before the query, with ``window`` also less than ``window`` positions
+    behind it (a sliding window)."""
     attend = None if key_mask is None else key_mask[:, None, None, :]
+    if window and not causal:
+        raise ValueError("a sliding window is only defined with the causal mask here")
     if causal:
         if nq != nk:
             raise ValueError(f"causal attention needs as many query rows as keys, got {nq} and {nk}")
         tri = torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
+        if window:
+            tri = tri.triu(-(int(window) - 1))
         attend = tri if attend is None else attend & tri
     return attend
 
 
+EMPTY_ROW_LSE = 1.0e30  # the log-sum-exp of a query row without any key (the kernels write the same)
+
+
+def _softmax(masked: torch.Tensor, attend: torch.Tensor | None, dtype=None) -> torch.Tensor:
+    """Softmax over keys; a query with no attended key attends to nothing (a zero row, as the kernels), not
+    uniformly to the masked keys."""
+    probs = masked.softmax(dim=-1, dtype=dtype)
+    return probs if attend is None else probs.masked_fill(~attend, 0)
+
+
 def attention_forward_ref(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
-    causal: bool = False,
+    causal: bool = False, window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(O, lse)``: ``O = softmax(scale·Q Kᵀ, padded keys masked) V``; ``lse`` the rows' log-sum-exp (float32 for
-    half inputs). Reference of ``attention_forward`` (materializes ``[B, H, NQ, NK]``)."""
-    _, masked = _masked_scores(query, key, scale, key_mask, causal)
+    half inputs; a row with no attended key has ``O = 0``). Reference of ``attention_forward`` (materializes
+    ``[B, H, NQ, NK]``)."""
+    _, masked, attend = _masked_scores(query, key, scale, key_mask, causal, window)
     acc = accumulation_dtype(masked.dtype)
     lse = masked.to(acc).logsumexp(dim=-1)
-    attn = masked.softmax(dim=-1, dtype=acc).to(query.dtype)
-    return attn @ value, lse
+    if attend is not None:  # no key at all: a finite "plus infinity", so exp(score − lse) = 0 (as the kernels)
+        lse = lse.masked_fill(~attend.any(dim=-1), EMPTY_ROW_LSE)
+    attn = _softmax(masked, attend, acc).to(query.dtype)
+    return attn @ repeat_kv(value, query.shape[1]), lse
 
 
 @profiled
 def attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
-    out: torch.Tensor | None = None, backend: str | None = "torch", causal: bool = False,
+    out: torch.Tensor | None = None, backend: str | None = "torch", causal: bool = False, window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention keeping what the fused backward needs.
 
     Args:
-        query: `[B, H, NQ, d]` (unscaled); key, value: `[B, H, NK, d]`; any strides.
+        query: `[B, H, NQ, d]` (unscaled); key, value: `[B, H_kv, NK, d]` with ``H_kv`` dividing ``H`` (GQA/MQA:
+            query head ``h`` reads key head ``h // (H / H_kv)``); any strides.
         scale: applied to the scores.
         key_mask: `[B, NK]` bool, True for real keys (padded keys get probability 0).
         out: optional `[B, H, NQ, d]` view to write ``O`` into, e.g. of the heads-merged buffer.
         backend: ``"torch"`` (reference), ``"triton"`` (``triton_kernels/attention_lrp.py``), ``"cuda"``
             (``csrc/attention_relevance.cu``), ``None`` (automatic).
-        causal: keys after the query get probability 0 (a causal mask, the CLIP text tower; ``NQ == NK``).
+        causal: keys after the query get probability 0 (a causal mask; ``NQ == NK``).
+        window: with ``causal``, also keys ``window`` or more positions behind the query (a sliding window).
 
     Returns:
         ``(O, lse)``: `[B, H, NQ, d]` and the row log-sum-exp `[B, H, NQ]` (float32, float64 for float64 inputs).
@@ -120,27 +161,32 @@ def attention_forward(
     if chosen == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_fwd
 
-        return attention_fwd(query, key, value, scale, key_mask, out, causal)
+        return attention_fwd(query, key, value, scale, key_mask, out, causal, window)
     if chosen == "cuda":
         o, lse = torch.ops.tlrp.attention_forward(query, key, value, float(scale), key_mask, causal)
         if out is None:
             return o, lse
         return out.copy_(o), lse
-    return attention_forward_ref(query, key, value, scale, key_mask, causal)
+    o, lse = attention_forward_ref(query, key, value, scale, key_mask, causal, window)
+    return (o, lse) if out is None else (out.copy_(o), lse)
 
 
 def attention_relevance_ref(
     query, key, value, out, lse, scale, grad_out=None, rel_out=None, key_mask=None, mask_add=False, map_mode=None,
     rollout=None, normalize_rows=False, want_map=False, inputs=True, mask_add_normalized=True, causal=False,
+    window=None,
 ) -> dict[str, torch.Tensor]:
     """Reference of ``attention_relevance``: materializes this block's ``A`` (``lse`` is not read) and drops it on
     return. The gradient of softmax attention written out (``∇A = dO Vᵀ``, ``dS = A ⊙ (∇A − rowsum(∇A ⊙ A))``, as
     autograd computes it: tests/test_attention_triton.py checks it against autograd), the relevance by the rules
-    above; each ``[B, H, NQ, NK]`` intermediate is freed once used, so only a few are alive at a time."""
+    above; each ``[B, H, NQ, NK]`` intermediate is freed once used, so only a few are alive at a time. Shared
+    key/value heads (GQA) are repeated for the products and their gradients and relevance summed back per head."""
     from transformer_lrp.ops.residual import normalized_add_ref, z_add
 
-    scores, masked = _masked_scores(query, key, scale, key_mask, causal)
-    probs = masked.softmax(dim=-1, dtype=accumulation_dtype(masked.dtype) if masked.dtype in _HALF else None)
+    heads_kv = key.shape[1]
+    key, value = repeat_kv(key, query.shape[1]), repeat_kv(value, query.shape[1])
+    scores, masked, attend = _masked_scores(query, key, scale, key_mask, causal, window)
+    probs = _softmax(masked, attend, accumulation_dtype(masked.dtype) if masked.dtype in _HALF else None)
     del masked
     attn = probs.to(query.dtype)  # half inputs: the products read A in their own dtype, as the model's forward
     result: dict[str, torch.Tensor] = {}
@@ -152,8 +198,8 @@ def attention_relevance_ref(
             d_scores = (g - (g * probs).sum(dim=-1, keepdim=True)).mul_(probs).to(query.dtype)
             del g
             result.update(grad_query=(d_scores @ key).mul_(scale),
-                          grad_key=(d_scores.transpose(-1, -2) @ query).mul_(scale),
-                          grad_value=attn.transpose(-1, -2) @ grad_out)
+                          grad_key=sum_groups((d_scores.transpose(-1, -2) @ query).mul_(scale), heads_kv),
+                          grad_value=sum_groups(attn.transpose(-1, -2) @ grad_out, heads_kv))
             del d_scores
     del probs
     r_attn = r_value = None
@@ -183,7 +229,7 @@ def attention_relevance_ref(
             r_scores = (normalized_add_ref if mask_add_normalized else z_add)(r_attn, scores, None)[0]
         del r_attn
         r_query, r_key = attention_qk_relevance(query, key, scores, r_scores, scale)
-        result.update(rel_query=r_query, rel_key=r_key, rel_value=r_value)
+        result.update(rel_query=r_query, rel_key=sum_groups(r_key, heads_kv), rel_value=sum_groups(r_value, heads_kv))
     return result
 
 
@@ -207,6 +253,7 @@ def attention_relevance(
     inputs: bool = True,
     mask_add_normalized: bool = True,
     causal: bool = False,
+    window: int | None = None,
     backend: str | None = "torch",
 ) -> dict[str, torch.Tensor]:
     r"""Backward of softmax attention carrying gradient and relevance, with the block's map reduced over heads.
@@ -229,7 +276,7 @@ def attention_relevance(
             ``rollout_product`` `[B, NK]` = ``rollout_rows · Ē`` with ``Ē`` the head mean of ``E``.
         want_map: also return ``map``, the head mean ``Ē`` `[B, NQ, NK]` (never the per-head maps).
         inputs: ``False``: skip the gradients and relevance of Q, K, V (the lowest block needs only the map).
-        causal: the forward's causal mask (``attention_forward``).
+        causal, window: the forward's causal mask and sliding window (``attention_forward``).
         backend: ``"torch"`` (reference, materializes ``A``), ``"triton"``, ``"cuda"`` or ``None`` (automatic).
 
     Returns:
@@ -245,7 +292,7 @@ def attention_relevance(
         raise ValueError("rollout and want_map need a map_mode")
     kwargs = dict(grad_out=grad_out, rel_out=rel_out, key_mask=key_mask, mask_add=mask_add, map_mode=map_mode,
                   rollout=rollout, normalize_rows=normalize_rows, want_map=want_map, inputs=inputs,
-                  mask_add_normalized=mask_add_normalized, causal=causal)
+                  mask_add_normalized=mask_add_normalized, causal=causal, window=window)
     chosen = "torch" if backend == "torch" else op_backend("attention_relevance", KERNELS, (query, key, value),
                                                             backend)
     if chosen == "triton":
@@ -262,7 +309,7 @@ _CUDA_OUTPUTS = ("grad_query", "grad_key", "grad_value", "rel_query", "rel_key",
 
 
 def _relevance_cuda(query, key, value, out, lse, scale, *, grad_out, rel_out, key_mask, mask_add, map_mode, rollout,
-                    normalize_rows, want_map, inputs, mask_add_normalized, causal=False):
+                    normalize_rows, want_map, inputs, mask_add_normalized, causal=False, window=None):
     """``torch.ops.tlrp.attention_relevance``, whose outputs are a fixed tuple (an empty tensor where not asked
     for), as the dict of the other backends."""
     outputs = torch.ops.tlrp.attention_relevance(
@@ -298,11 +345,11 @@ def lrp_attention(query, key, value, scale: float, key_mask=None, backend: str |
     return AttentionLRPFunction.apply(query, key, value, scale, key_mask, backend)
 
 
-def attention_weighted_map_ref(query, key, lse, scale, weights, key_mask=None, row=0, causal=False):
+def attention_weighted_map_ref(query, key, lse, scale, weights, key_mask=None, row=0, causal=False, window=None):
     """Reference of ``attention_weighted_map`` (materializes ``A``; ``lse`` is not read)."""
-    _, masked = _masked_scores(query, key, scale, key_mask, causal)
+    _, masked, attend = _masked_scores(query, key, scale, key_mask, causal, window)
     acc = accumulation_dtype(query.dtype)
-    attn = masked.softmax(dim=-1, dtype=acc)
+    attn = _softmax(masked, attend, acc)
     e = (weights.to(acc)[:, :, None, None] * attn).mean(dim=1).clamp(min=0)
     rows = torch.as_tensor(row, device=e.device).expand(e.shape[0])
     at_row = e[torch.arange(e.shape[0], device=e.device), rows]
@@ -325,6 +372,7 @@ def attention_weighted_map(
     row: int | torch.Tensor = 0,
     backend: str | None = "torch",
     causal: bool = False,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""The head-weighted attention map of attention GradCAM, ``E = (mean_h w_h A_h)⁺`` (SPEC §4), reduced without
     forming ``[B, H, N, N]``: one row of it and its per-sample min and max over real (query, key) pairs.
@@ -335,7 +383,8 @@ def attention_weighted_map(
         weights: `[B, H]` per-head weights ``w_h``.
         key_mask: `[B, NK]` bool, True for real tokens (rows and columns; NQ == NK then).
         row: the query row to return (the CLS row: 0), or a `[B]` tensor of rows per sample (CLIP text: EOS).
-        causal: the forward's causal mask; its zeros are part of the map (only padding is excluded).
+        causal, window: the forward's causal mask and sliding window; their zeros are part of the map (only
+            padding is excluded).
         backend: ``"torch"`` (reference), ``"triton"``, ``"cuda"`` or ``None``.
 
     Returns:
@@ -345,9 +394,9 @@ def attention_weighted_map(
     if chosen == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_weighted_map as launch
 
-        return launch(query, key, lse, scale, weights, key_mask, row, causal)
+        return launch(query, key, lse, scale, weights, key_mask, row, causal, window)
     if chosen == "cuda":
         rows = torch.as_tensor(row, device=query.device).to(torch.int64).expand(query.shape[0]).contiguous()
         return tuple(torch.ops.tlrp.attention_weighted_map(query, key, lse, float(scale), weights, key_mask, rows,
                                                            causal))
-    return attention_weighted_map_ref(query, key, lse, scale, weights, key_mask, row, causal)
+    return attention_weighted_map_ref(query, key, lse, scale, weights, key_mask, row, causal, window)
