@@ -110,8 +110,8 @@ def tolerance(reference_errors: list[float], output_roundoff: float = 0.0) -> fl
     * Both paths return the relevance in the model's dtype: below one rounding of that dtype (``output_roundoff``,
       relative to the largest entry) no error can be resolved, so that is the level's floor.
 
-    Hence ``tolerance = 4 · max(errors of the reference path's realizations, output_roundoff)``. Measured on the CPU (the interpreter,
-    float32, padded BERT; tests/test_gpu_check.py): the kernels' error lies inside the realizations' spread, and a
+    Hence ``tolerance = 4 · max(errors of the reference path's realizations, output_roundoff)``. Measured on the CPU
+    (the interpreter, float32, padded BERT; tests/test_gpu_check.py): the kernels' error lies inside the realizations' spread, and a
     wrong kernel (a dropped padding mask) lands 45× (full LRP, whose float32 error is ~1e-3 there) to 10⁵× (GAE)
     above the tolerance.
     """
@@ -262,8 +262,8 @@ def _tiny_clip():
 
     small = dict(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_hidden_layers=2)
     return transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=dict(small, vocab_size=100, eos_token_id=99, bos_token_id=98), vision_config=dict(small, image_size=32, patch_size=8),
-        projection_dim=16))
+        text_config=dict(small, vocab_size=100, eos_token_id=99, bos_token_id=98),
+        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16))
 
 
 if TINY:
