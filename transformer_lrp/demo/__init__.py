@@ -47,10 +47,10 @@ def say_conservation(exp, what: str, say=print) -> None:
     if kept is None:
         return
     ratio = kept.ratio.tolist()
-    off = int(kept.off().sum())
-    say(f"  relevance reaching {kept.location}: {min(ratio):.3g} to {max(ratio):.3g} times what was put in at the "
-        f"explained logit (1 when conserved); {off} of {len(ratio)} {what}s off by more than "
-        f"{CONSERVATION_BOUND:g}x (docs/method.md §10)")
+    span = f"{ratio[0]:.3g}" if min(ratio) == max(ratio) else f"{min(ratio):.3g} to {max(ratio):.3g}"
+    say(f"  {kept.location} receive {span} times the relevance put in at the explained logit (1 when conserved): "
+        f"{int(kept.off().sum())} of {len(ratio)} {what}s negative or beyond {CONSERVATION_BOUND:g}x either way "
+        "(docs/method.md §10)")
 
 
 def run(out: Path, n_images: int = 4, n_texts: int = 6, method: str = "transformer_attribution",
