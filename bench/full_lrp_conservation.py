@@ -11,7 +11,8 @@ with the rules' ops wrapped, in float64 and float32, and reports:
    add, both;
 4. the z-rule add's cancellation: ``(|u| + |v|) / |u + v|`` at each add, and where float32 departs from float64;
 5. how much of the pixel map's mass sits in its largest patch (the "speck");
-6. the original code's own outputs on random weights (``tests/fixtures/original_outputs.pt``): their totals.
+6. the demo's text classifier (MiniLM, 6 layers): its totals at the encoder input;
+7. the original code's own outputs on random weights (``tests/fixtures/original_outputs.pt``): their totals.
 
     python3 bench/full_lrp_conservation.py          # about a minute on 2 CPU cores; writes
                                                     # bench/results/full_lrp_conservation.md
@@ -238,11 +239,31 @@ def main() -> None:
               + ", ".join(f"{100 * v:.1f} %" for v in share.tolist())
               + f" (a uniform map: {100 / patches.shape[1]:.2f} %).", ""]
 
-    # 6. the original's own outputs on random weights
+    # 6. the demo's text classifier
+    from transformer_lrp.evaluation.data import movie_sentences
+
+    text_model, tok = assets.text_classifier()
+    sentences = movie_sentences("test")
+    clear = [i for i, r in enumerate(sentences.ratings.tolist()) if abs(r) >= assets.CLEAR_RATING][: args.images]
+    batch = dict(tok([sentences.texts[i] for i in clear], padding=True, return_tensors="pt"))
+    text_rows = []
+    for dtype in (torch.float64, torch.float32):
+        enc_t = tl.build_encoder(text_model.to(dtype))
+        text_totals, _ = block_totals(enc_t, enc_t.embed(batch))
+        text_rows.append(text_totals)
+    lines += [f"## 6. The demo's MiniLM sentiment classifier ({len(clear)} held-out sentences; float64 \\| float32)",
+              "", "| where | " + " | ".join(f"sentence {i}" for i in range(len(clear))) + " |",
+              "|---|" + "---|" * len(clear)]
+    for where in ("head", f"block{enc_t.depth - 1}", "block0"):
+        pairs = zip(text_rows[0][where].tolist(), text_rows[1][where].tolist())
+        lines.append(f"| {where} | " + " | ".join(f"{fmt(a)} \\| {fmt(b)}" for a, b in pairs) + " |")
+    lines.append("")
+
+    # 7. the original's own outputs on random weights
     fixture = torch.load(FIXTURE, weights_only=False)
     vit = fixture["vit"]["outputs"]
     bert = fixture["bert"]["outputs"]
-    lines += ["## 6. The original code's outputs (random weights, tests/fixtures/original_outputs.pt)", "",
+    lines += ["## 7. The original code's outputs (random weights, tests/fixtures/original_outputs.pt)", "",
               "Full LRP totals of hila-chefer/Transformer-Explainability (c3e578f), one-hot start 1:", "",
               "- ViT (3 blocks, pixels), predicted class: " + ", ".join(
                   f"{v:.4g}" for v in per_sample(vit["full_lrp/pred"]).tolist()),
