@@ -1,5 +1,5 @@
-"""Conservation (SPEC §11): with the method's rules and a one-hot start, total relevance is 1 after the head and
-after every block, per sample."""
+"""Conservation (docs/method.md §11): with the method's rules and a one-hot start, total relevance is 1 after the head
+and after every block, per sample; full LRP's report of its totals (docs/method.md §10)."""
 
 import _models as M
 import pytest
@@ -43,8 +43,8 @@ def test_carrying_the_gradient_leaves_the_relevance_unchanged(name):
 
 
 def test_baseline_rules_do_not_conserve():
-    # The baselines' separate-normalizer Linear doubles relevance (SPEC §2.4): a sanity check that the two rule
-    # sets really differ in the sweep.
+    # The baselines' separate-normalizer Linear doubles relevance (docs/method.md §2.4): a sanity check that the two
+    # rule sets really differ in the sweep.
     totals = relevance_totals(M.timm_vit(), M.images(2), sweep.Rules(method=False), True)
     assert (totals["head"].sum(dim=(1, 2)) - 2).abs().max() < 1e-6  # the head Linear alone doubles
 

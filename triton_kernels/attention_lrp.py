@@ -5,7 +5,7 @@ Per (sample, head): ``sc = scale · Q Kᵀ`` (padded keys masked), ``P = softmax
 ``_attn_fwd_kernel`` (grid: query tiles × B·H) writes ``O`` and the row log-sum-exp ``lse`` (online softmax).
 
 The backward recomputes ``P = exp(sc − lse)`` tile by tile and forms, with ``dO`` the output gradient and
-``hS = safe_divide(R_O, O) / 2`` the halved G-rule factor of the output relevance (SPEC §2.6):
+``hS = safe_divide(R_O, O) / 2`` the halved G-rule factor of the output relevance (docs/method.md §2.6):
   gradient   ``dP = dO Vᵀ``, ``dS = P ⊙ (dP − Δ)`` (``Δ = rowsum(dO ⊙ O)``), ``dQ = scale·dS K``, ``dK = scale·dSᵀ Q``,
              ``dV = Pᵀ dO``;
   relevance  ``R_A = P ⊙ (hS Vᵀ)``, ``R_V = V ⊙ (Pᵀ hS)``; the softmax is an identity, the BERT mask add a z-rule
@@ -567,7 +567,7 @@ def attention_bwd(
     if need_grad:
         delta = (grad_out.to(acc) * out.to(acc)).sum(-1).contiguous()
     if need_rel or mode in _NEEDS_RA:
-        # the G rule's factor of O = A V, halved (SPEC §2.6)
+        # the G rule's factor of O = A V, halved (docs/method.md §2.6)
         half_s = safe_divide(rel_out.to(acc), out.to(acc)).mul_(0.5).to(q.dtype).contiguous()
     do = grad_out if grad_out is not None else dummy
     do_strides = (do.stride(0), do.stride(1), do.stride(2)) if do.dim() == 4 else (0, 0, 0)
@@ -628,7 +628,7 @@ def attention_bwd(
     if need_rel:
         result["rel_key"], result["rel_value"] = rk, rv
         if mask_add and mask_add_normalized:
-            # The padding-mask add's normalization (SPEC §2.8 with v = 0), per sample: scales R_Q and R_K.
+            # The padding-mask add's normalization (docs/method.md §2.8 with v = 0), per sample: scales R_Q and R_K.
             s_u, s_r = sums.double().sum(dim=(1, 2)).unbind(-1)
             factor = normalized_add_factors(s_u, torch.zeros_like(s_u), s_r)[0].to(q.dtype)[:, None, None, None]
             result["rel_query"] = result["rel_query"] * factor
