@@ -111,9 +111,9 @@ def tolerance(reference_errors: list[float], output_roundoff: float = 0.0) -> fl
       relative to the largest entry) no error can be resolved, so that is the level's floor.
 
     Hence ``tolerance = 4 · max(errors of the reference path's realizations, output_roundoff)``. Measured on the CPU
-    (the interpreter, float32, padded BERT; tests/test_gpu_check.py): the kernels' error lies inside the realizations' spread, and a
-    wrong kernel (a dropped padding mask) lands 45× (full LRP, whose float32 error is ~1e-3 there) to 10⁵× (GAE)
-    above the tolerance.
+    (the interpreter, float32, padded BERT; tests/test_gpu_check.py): the kernels' error lies inside the realizations'
+    spread, and a wrong kernel (a dropped padding mask) lands 45× (full LRP, whose float32 error is ~1e-3 there) to
+    10⁵× (GAE) above the tolerance.
     """
     return KERNEL_FACTOR * max(*reference_errors, output_roundoff)
 

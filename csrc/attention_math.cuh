@@ -3,7 +3,7 @@
 // CI) runs exactly this code on CPU tiles against the torch reference. The kernels only add the thread layout: the
 // warp-wide dot products that feed these functions and the sums of their results.
 //
-// Notation (triton_kernels/attention_lrp.py, SPEC §2.6): sc = scale·q·k, P = exp(sc − lse), dP = dO·v,
+// Notation (triton_kernels/attention_lrp.py, docs/method.md §2.6): sc = scale·q·k, P = exp(sc − lse), dP = dO·v,
 // hS = safe_divide(R_O, O)/2, Δ = dO·O; gradient dS = P (dP − Δ); relevance R_A = P (hS·v), the BERT mask add's
 // z-rule share R_sc = sc·safe_divide(R_A, sc), T = safe_divide(R_sc, sc, eps·scale); the map E by map mode.
 #pragma once
@@ -19,7 +19,7 @@
 namespace tlrp {
 namespace attn {
 
-constexpr double kEps = 1e-9;         // the reference's denominator offset (SPEC §2.2)
+constexpr double kEps = 1e-9;         // the reference's denominator offset (docs/method.md §2.2)
 constexpr double kNegBig = -1.0e30;   // finite "minus infinity": a fully masked row never makes inf − inf
 
 // map modes, as triton_kernels/attention_lrp.py's MAP_* and ops.attention.MAP_MODES

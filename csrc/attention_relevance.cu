@@ -467,7 +467,7 @@ attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const a
   if (need_grad) delta = (grad_out->to(acc_type) * out_.to(acc_type)).sum(-1).contiguous();
   if (need_rel || attn::map_reads_relevance(map_mode)) {
     TORCH_CHECK(rel_out->sizes() == query.sizes(), kOp, ": rel_out must have the query's shape");
-    // the G rule's factor of O = A V, halved (SPEC §2.6), kept in the accumulation dtype
+    // the G rule's factor of O = A V, halved (docs/method.md §2.6), kept in the accumulation dtype
     half_s = safe_divide(rel_out->to(acc_type), out_.to(acc_type)).mul_(0.5).contiguous();
   }
   const bool need_dp = need_grad || attn::map_reads_gradient(map_mode);
@@ -541,7 +541,7 @@ attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const a
     });
   });
   if (need_rel && flags.mask_add && mask_add_normalized) {
-    // the padding-mask add's normalization (SPEC §2.8 with v = 0), per sample: scales R_Q and R_K
+    // the padding-mask add's normalization (docs/method.md §2.8 with v = 0), per sample: scales R_Q and R_K
     const auto totals = sums.to(at::kDouble).sum({1, 2});  // [B, 2]: Σ R_sc, Σ R_A
     const auto s3 = at::stack({totals.select(1, 0), at::zeros_like(totals.select(1, 0)), totals.select(1, 1)}, 1);
     const auto f = normalized_add_factors(s3).first.to(q.scalar_type()).view({b, 1, 1, 1});

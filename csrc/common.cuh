@@ -1,5 +1,5 @@
-// Helpers shared by the CUDA C++ relevance ops: the reference's safe_divide (SPEC §2.2) on the device and on the
-// host, exact conversions between the storage dtypes and double, and a block-wide sum.
+// Helpers shared by the CUDA C++ relevance ops: the reference's safe_divide (docs/method.md §2.2) on the device and on
+// the host, exact conversions between the storage dtypes and double, and a block-wide sum.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -61,7 +61,8 @@ inline at::Tensor safe_divide(const at::Tensor& a, const at::Tensor& b) {
   return at::where(b == 0, at::zeros_like(a), a / den);
 }
 
-// The normalized add's per-sample factors f_b / s_b from the raw z-rule totals (SPEC §2.8), sums: [B, 3] double
+// The normalized add's per-sample factors f_b / s_b from the raw z-rule totals (docs/method.md §2.8); sums: [B, 3]
+// double
 inline std::pair<at::Tensor, at::Tensor> normalized_add_factors(const at::Tensor& sums) {
   const auto s_u = sums.select(1, 0), s_v = sums.select(1, 1), s = sums.select(1, 2);
   const auto total = s_u.abs() + s_v.abs();

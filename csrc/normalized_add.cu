@@ -1,4 +1,4 @@
-// Normalized add (SPEC §2.8) in CUDA C++: the same two passes as triton_kernels/residual_lrp.py.
+// Normalized add (docs/method.md §2.8) in CUDA C++: the same two passes as triton_kernels/residual_lrp.py.
 //
 // Pass 1: grid (B, chunks); each block reduces one chunk of one sample to its partial sums of u·S, v·S and R
 // (S = safe_divide(R, u + v)), in double, written to partial[b][chunk][0..2]. The host adds the chunks and forms

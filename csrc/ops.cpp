@@ -39,7 +39,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(tlrp, m) {
-  // Relevance of u + v by the normalized add (SPEC §2.8), per-sample sums; returns (R_u, R_v).
+  // Relevance of u + v by the normalized add (docs/method.md §2.8), per-sample sums; returns (R_u, R_v).
   m.def("normalized_add(Tensor relevance, Tensor u, Tensor v) -> (Tensor, Tensor)");
   // Gradient and relevance at z = u + v, the input of a LayerNorm (clone with the residual when given, then the
   // normalized add's split); returns (dL/dz, R_u, R_v).

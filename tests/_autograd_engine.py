@@ -45,7 +45,8 @@ _HALF = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class RuleSet:
-    """Which file's rules (SPEC §2.4, §2.8): the method's (``layers_ours``) or the baselines' (``layers_lrp``)."""
+    """Which file's rules (docs/method.md §2.4, §2.8): the method's (``layers_ours``) or the baselines'
+    (``layers_lrp``)."""
 
     linear: Callable
     add: Callable
@@ -277,7 +278,7 @@ def _scatter_rows(t: torch.Tensor, rows: list[int], n: int, dim: int) -> torch.T
 def block_relevance(
     blk: BlockSpec, c: BlockCache, relevance: torch.Tensor, rules: RuleSet, through_attention: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Relevance of one block, top-down (SPEC §2.11). Returns ``(R_input or None, R_A)``.
+    """Relevance of one block, top-down (docs/method.md §2.11). Returns ``(R_input or None, R_A)``.
 
     With ``through_attention=False`` the sweep stops at ``R_A`` (all that a method needs from the lowest block).
     """
@@ -484,7 +485,7 @@ def _onehot(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _gradcam_row(enc: EncoderSpec, emb: Embedded, attn: torch.Tensor, grad: torch.Tensor, cls_row: int) -> torch.Tensor:
-    """Attention GradCAM (SPEC §4): per-head weights from the gradient, weighted head mean, ReLU, min–max.
+    """Attention GradCAM (docs/method.md §4): per-head weights from the gradient, weighted head mean, ReLU, min–max.
 
     Vision averages the gradient over the CLS row's patch columns; text over the whole (real-token) matrix.
     """

@@ -1,5 +1,5 @@
 """Independent oracles: attention maps and their gradients taken from the stock model's own forward/backward,
-and the aggregation formulas of SPEC §3–5 written out as explicit matrix products (no streaming)."""
+and the aggregation formulas of docs/method.md §3–5 written out as explicit matrix products (no streaming)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def rollout_row(maps, start, normalize):
 
 
 def gae_row(attn, grads):
-    """GAE as SPEC §5 writes it: ``R ← I``; for b = 0 … L-1: ``R ← R + mean_h((∇A ⊙ A)⁺) · R``."""
+    """GAE as docs/method.md §5 writes it: ``R ← I``; for b = 0 … L-1: ``R ← R + mean_h((∇A ⊙ A)⁺) · R``."""
     b, _, n, _ = attn[0].shape
     r = torch.eye(n, dtype=attn[0].dtype).expand(b, n, n).clone()
     for a, g in zip(attn, grads):

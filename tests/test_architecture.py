@@ -12,7 +12,7 @@ LAYERS = [
     ("leaves", ["_numerics", "_target", "errors"]),
     ("kernels", ["triton_kernels"]),
     ("ops", ["_backend", "ops"]),
-    ("description", ["adapters.spec", "explanation"]),
+    ("description", ["adapters.spec", "explanation", "conservation"]),
     ("adapters", ["adapters"]),
     ("sweep", ["sweep"]),
     ("methods", ["methods"]),

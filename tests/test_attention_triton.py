@@ -98,7 +98,7 @@ def test_backward_matches_reference(shape, setting, dtype, monkeypatch):
         for name in ref:
             _close(out[name], ref[name], 1e-11, name)
         return
-    # float32: R_Q, R_K divide by the scores (SPEC §2.6), and near-zero scores amplify rounding in any
+    # float32: R_Q, R_K divide by the scores (docs/method.md §2.6), and near-zero scores amplify rounding in any
     # implementation; so the kernel's error against float64 must stay within a few times the reference's own.
     ref64 = attention_relevance(*(x.double() for x in (q, k, v, o)), lse.double(), 0.37, backend="torch",
                                 **{key: (val.double() if torch.is_tensor(val) and val.is_floating_point() else val)
@@ -126,7 +126,7 @@ def test_backward_map_only_and_gradient_only():
 
 
 def test_reference_rules_by_hand():
-    """The reference's outputs against SPEC §2.6 written out on one tiny case, plus conservation."""
+    """The reference's outputs against docs/method.md §2.6 written out on one tiny case, plus conservation."""
     q, k, v, _, d_o, r_o, roll = _inputs((1, 2, 4, 4, 3), torch.float64, masked=False)
     scale = 0.5
     o, lse = attention_forward(q, k, v, scale)

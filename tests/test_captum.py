@@ -52,7 +52,9 @@ def test_targets_follow_captum_conventions(vit):
     x = M.images(2)
     attr = TransformerAttribution(vit, method="gae")
     ref = tl.explain(vit, x, [3, 3], method="gae").maps()
-    for target in (3, [3, 3], torch.tensor([3, 3]), torch.tensor(3)):
+    import numpy as np
+
+    for target in (3, [3, 3], torch.tensor([3, 3]), torch.tensor(3), np.int64(3), np.array([3, 3])):
         torch.testing.assert_close(attr.attribute(x, target=target), ref, rtol=0, atol=0)
     argmax = tl.explain(vit, x, method="gae")
     torch.testing.assert_close(attr.attribute(x), argmax.maps(), rtol=0, atol=0)

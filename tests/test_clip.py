@@ -414,8 +414,10 @@ def test_cli_explains_an_image_with_each_caption(tmp_path):
     model = CLIPModel.from_pretrained(d, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     text = tok(["a cat", "a big dog"], padding=True, return_tensors="pt")
-    pixels = cli._resize_crop(32, lambda x: (x - torch.tensor(cli._CLIP_MEAN)[:, None, None])
-                              / torch.tensor(cli._CLIP_STD)[:, None, None])(Image.open(png).convert("RGB"))[1]
+    from transformer_lrp.cli import clip_pairs, images
+
+    mean, std = (torch.tensor(v)[:, None, None] for v in (clip_pairs.CLIP_MEAN, clip_pairs.CLIP_STD))
+    pixels = images.resize_crop(32, lambda x: (x - mean) / std)(Image.open(png).convert("RGB"))[1]
     exp = tl.explain(model, {"pixel_values": pixels[None], "input_ids": text["input_ids"],
                              "attention_mask": text["attention_mask"]}, target=(torch.tensor([0, 0]),
                                                                                 torch.tensor([0, 1])), method="gae")

@@ -54,6 +54,23 @@ def test_bad_targets(vit, target, match):
         tl.explain(vit, M.images(2), target)
 
 
+def test_numpy_targets_are_class_indices(vit):
+    """numpy integer scalars and arrays are targets like ints and tensors; numpy floats and bools are not."""
+    import numpy as np
+
+    x = M.images(2)
+    ref = tl.explain(vit, x, torch.tensor([3, 1])).relevance
+    for target in (np.array([3, 1]), np.array([3, 1], dtype=np.int32), [np.int64(3), np.int64(1)]):
+        torch.testing.assert_close(tl.explain(vit, x, target).relevance, ref, rtol=0, atol=0)
+    torch.testing.assert_close(tl.explain(vit, x, np.int64(3)).relevance,
+                               tl.explain(vit, x, 3).relevance, rtol=0, atol=0)
+    for bad in (np.float64(3.0), np.array([0.5, 1.0]), np.bool_(True), np.array([True, False])):
+        with pytest.raises(tl.InputError, match="class indices"):
+            tl.explain(vit, x, bad)
+    with pytest.raises(tl.InputError, match="out of range"):
+        tl.explain(vit, x, np.array([3, 9]))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

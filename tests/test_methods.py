@@ -1,4 +1,4 @@
-"""Each method against oracles built from the stock model's own attention and gradients (SPEC §3–5)."""
+"""Each method against oracles built from the stock model's own attention and gradients (docs/method.md §3–5)."""
 
 import _autograd_engine as engine
 import _models as M
@@ -52,7 +52,7 @@ def test_gae_equals_spec_formula(vit_case, start):
 def test_rollout_equals_half_attention_plus_half_identity(vit_case, start):
     model, x, target, attn, _, _ = vit_case
     out = tl.explain(model, x, method="rollout", start_layer=start)
-    # SPEC §11: (Ā + I)/rowsum == 0.5 Ā + 0.5 I for row-stochastic Ā
+    # docs/method.md §11: (Ā + I)/rowsum == 0.5 Ā + 0.5 I for row-stochastic Ā
     eye = torch.eye(attn[0].shape[-1], dtype=torch.float64)
     expected = product_row([0.5 * a.mean(1) + 0.5 * eye for a in attn], start)
     torch.testing.assert_close(out.relevance, expected[:, 1:], **TOL)
@@ -98,7 +98,7 @@ def test_transformer_attribution_equals_explicit_product(vit_case, start, normal
 
 
 def test_transformer_attribution_with_attention_instead_of_relevance_is_gae(vit_case, monkeypatch):
-    # Issue oracle: GAE ≡ transformer attribution with R_A replaced by A (SPEC §5).
+    # Issue oracle: GAE ≡ transformer attribution with R_A replaced by A (docs/method.md §5).
     model, x, target, _, _, _ = vit_case
     gae = tl.explain(model, x, target, method="gae")
 
@@ -129,8 +129,8 @@ def test_full_lrp_vision_reaches_pixels(vit_case):
 
 
 def test_bert_settings_of_the_original(bert_case):
-    # SPEC §3.1: BERT generator row-normalizes, defaults to start_layer = L-1, and overwrites the CLS self-entry
-    # with the row minimum.
+    # docs/method.md §3.1: BERT generator row-normalizes, defaults to start_layer = L-1, and overwrites the CLS
+    # self-entry with the row minimum.
     model, inputs, target, _, grads, _ = bert_case
     enc = tl.build_encoder(model)
     emb = enc.embed(inputs)

@@ -1,4 +1,4 @@
-"""Each rule of SPEC §2 on hand-computed tiny cases, and the fast forms against the reference forms."""
+"""Each rule of docs/method.md §2 on hand-computed tiny cases, and the fast forms against the reference forms."""
 
 import pytest
 import torch
@@ -29,7 +29,7 @@ def close(a, b, tol=1e-8):
 
 
 def test_safe_divide_matches_spec_values():
-    # SPEC §2.2: safe_divide(1, [0, 1e-12, -1e-12, -1e-9, 0.5, -0.5]) = [0, 9.99e8, +1.001e9, 1e9, 2, -2]
+    # docs/method.md §2.2: safe_divide(1, [0, 1e-12, -1e-12, -1e-9, 0.5, -0.5]) = [0, 9.99e8, +1.001e9, 1e9, 2, -2]
     b = t(0.0, 1e-12, -1e-12, -1e-9, 0.5, -0.5)
     out = safe_divide(torch.ones_like(b), b)
     expected = t(0.0, 1 / (1e-12 + 1e-9), 1 / (-1e-12 + 1e-9), 1 / 1e-9, 1 / (0.5 + 1e-9), 1 / (-0.5 + 1e-9))
@@ -50,7 +50,7 @@ def test_linear_alpha1beta0_hand_case(rule):
 
 @pytest.mark.parametrize("rule", [linear_alpha1beta0_ref, linear_alpha1beta0], ids=["reference", "sign_split"])
 def test_linear_alpha1beta0_drops_units_without_positive_contribution(rule):
-    # SPEC §2.4 / issue #59: unit 1 has contributions [-1, -2] only -> its relevance is lost, not divided.
+    # docs/method.md §2.4 / issue #59: unit 1 has contributions [-1, -2] only -> its relevance is lost, not divided.
     x, w, r = t(1.0, 1.0), t([1.0, 0.5], [-1.0, -2.0]), t(0.0, 5.0)
     assert torch.equal(rule(x, w, r), t(0.0, 0.0))
     # and an all-zero input carries nothing
@@ -104,8 +104,8 @@ def test_sign_split_float32_agrees_with_float64_reference():
 
 
 def test_linear_separate_normalizers_hand_case():
-    # SPEC §2.4 (baseline file): unit 1 has one positive group from x⁺W⁺ (2) and one from x⁻W⁻ (2): each gets the
-    # full 0.4, so the total is 1.4, not 1.
+    # docs/method.md §2.4 (baseline file): unit 1 has one positive group from x⁺W⁺ (2) and one from x⁻W⁻ (2): each
+    # gets the full 0.4, so the total is 1.4, not 1.
     out = linear_alpha1beta0_separate(X, W, R)
     close(out, t(0.6 + 0.4, 0.4))
 

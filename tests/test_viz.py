@@ -2,6 +2,7 @@
 
 import html
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +43,45 @@ def test_panel_png(tmp_path):
     path = viz.save_panel(tmp_path / "p.png", torch.rand(3, 40, 30), torch.rand(5, 4), title="coat (p=0.9)")
     with Image.open(path) as im:
         assert im.format == "PNG" and im.mode == "RGB"
-        assert im.size == (3 * 30 + 4 * 6, 40 + 22 + 6)
+        assert im.size[1] == 40 + viz.TITLE_BAND + viz.GAP and im.size[0] > 3 * 30 + 4 * viz.GAP + viz.BAR_WIDTH
+
+
+def test_panel_shows_the_image_a_colour_bar_and_labels_readable_on_white():
+    """On a white image: the image tile is the image (below its label), each tile's label sits on a dark box, and
+    the colour bar runs from the colormap's top (the map's largest value) to its bottom, with a tick at 0 for a
+    signed map."""
+    h, w = 64, 48
+    relevance = torch.linspace(-1, 3, 16).reshape(4, 4)  # signed: 0 is a quarter of the way up from the bottom
+    canvas = np.asarray(viz.panel(torch.ones(3, h, w), relevance, title="white"), dtype=np.int64)
+    top, gap = viz.TITLE_BAND, viz.GAP
+    image_tile = canvas[top : top + h, gap : gap + w]
+    assert (image_tile[20:] == 255).all()  # below the label, the white image itself
+    label = image_tile[2:14, w - 20 : w - 4]
+    assert label.mean() < 80  # dark box under the white label text
+    bar_x = 3 * (w + gap) + gap
+    bar = canvas[top : top + h, bar_x + 2 : bar_x + viz.BAR_WIDTH - 2].mean(axis=1)  # [h, 3]
+    expected = viz.colormap(torch.linspace(1, 0, h)).numpy() * 255
+    zero_row = round(3 / 4 * (h - 1))
+    keep = [r for r in range(h) if abs(r - zero_row) > 1]  # the 0 tick crosses the bar
+    assert np.abs(bar[keep] - expected[keep]).max() <= 1
+    assert (canvas[top + zero_row, bar_x - 2 : bar_x + viz.BAR_WIDTH + 1] == 0).all()  # the tick at 0
+
+
+def test_maps_take_an_int_size():
+    x = torch.rand(2, 5, 4)
+    torch.testing.assert_close(viz.heatmap(x, 12), viz.heatmap(x, (12, 12)))
+    import transformer_lrp as tl
+
+    exp = tl.Explanation(relevance=torch.rand(2, 16), target=torch.zeros(2, dtype=torch.long),
+                         logits=torch.zeros(2, 3), method="gae", modality="vision", grid_size=(4, 4),
+                         image_size=(32, 32))
+    assert exp.image_maps(100).shape == (2, 100, 100)
+    torch.testing.assert_close(exp.image_maps(100), exp.image_maps((100, 100)))
+    torch.testing.assert_close(exp.image_maps(np.int64(20)), exp.image_maps((20, 20)))
+    assert exp.image_maps((10, 30)).shape == (2, 10, 30) and exp.image_maps().shape == (2, 32, 32)
+    for bad in (0, -3, (1, 2, 3), "20", True, 2.5):
+        with pytest.raises(ValueError, match="size must be"):
+            exp.image_maps(bad)
 
 
 def test_text_html_single_and_batch():
@@ -59,3 +98,10 @@ def test_text_html_single_and_batch():
     assert page.startswith("<!DOCTYPE html>") and frag in page
     with pytest.raises(ValueError, match="sentence 0: 3 tokens but 2 scores"):
         viz.text_html(["a", "b", "c"], torch.tensor([1.0, 2.0]))
+
+
+def test_unknown_tokens_are_marked():
+    frag = viz.text_html(["a", "[UNK]", "film"], torch.tensor([0.2, 0.5, 0.1]), unknown_token="[UNK]")
+    assert frag.count('class="tok unk"') == 1 and '>[UNK]</span>' in frag
+    assert "not in the tokenizer" in frag and ".unk{" in viz.html_page(frag)
+    assert 'class="tok unk"' not in viz.text_html(["a", "[UNK]"], torch.tensor([0.2, 0.5]))

@@ -23,12 +23,14 @@ def _kernels_of_source_tree() -> None:
 
 _kernels_of_source_tree()
 
-from transformer_lrp.adapters import SUPPORTED, build_encoder  # noqa: E402 (after the kernels' folder is known)
-from transformer_lrp.adapters.spec import clear_cache  # noqa: E402 (after the kernels' folder is known)
-from transformer_lrp.api import explain  # noqa: E402 (after the kernels' folder is known)
-from transformer_lrp.errors import InputError, UnsupportedModelError  # noqa: E402 (after the kernels' folder is known)
-from transformer_lrp.explanation import ClipExplanation, Explanation  # noqa: E402 (after the kernels' folder is known)
-from transformer_lrp.methods import METHODS  # noqa: E402 (after the kernels' folder is known)
+# imported after the kernels' folder is mapped (above), which some of these modules reach
+from transformer_lrp.adapters import SUPPORTED, build_encoder  # noqa: E402
+from transformer_lrp.adapters.spec import clear_cache  # noqa: E402
+from transformer_lrp.api import explain  # noqa: E402
+from transformer_lrp.conservation import Conservation, ConservationWarning  # noqa: E402
+from transformer_lrp.errors import InputError, UnsupportedModelError  # noqa: E402
+from transformer_lrp.explanation import ClipExplanation, Explanation  # noqa: E402
+from transformer_lrp.methods import METHODS  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,8 @@ __all__ = [
     "METHODS",
     "SUPPORTED",
     "ClipExplanation",
+    "Conservation",
+    "ConservationWarning",
     "Explanation",
     "InputError",
     "UnsupportedModelError",

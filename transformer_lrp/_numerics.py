@@ -10,7 +10,8 @@ EPS = 1e-9
 
 
 def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    r"""``a / (b + 1e-9)``, and exactly 0 where ``b == 0`` (the original code's stabilised division, SPEC §2.2).
+    r"""``a / (b + 1e-9)``, and exactly 0 where ``b == 0`` (the original code's stabilised division,
+    docs/method.md §2.2).
 
     The original computes ``clamp(b, min=eps) + clamp(b, max=eps)``, which equals ``b + eps`` for every ``b``;
     where that sum is exactly 0 (``b == -eps``) it uses ``eps``. So ``b`` in ``[-eps, 0)`` flips sign, as in
@@ -28,7 +29,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def normalized_add_factors(s_u: torch.Tensor, s_v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample factors of the normalized add (SPEC §2.8) from the raw z-rule totals ``s_u``, ``s_v`` and
+    """Per-sample factors of the normalized add (docs/method.md §2.8) from the raw z-rule totals ``s_u``, ``s_v`` and
     ``s = Σ R``: ``f_b / s_b`` with ``f_b = |s_b| / (|s_u| + |s_v|) · s`` (each division a ``safe_divide``, as the
     reference)."""
     total = s_u.abs() + s_v.abs()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Literal
 
@@ -11,6 +12,7 @@ from torch import nn
 from transformer_lrp import methods, sweep
 from transformer_lrp._backend import select_backend
 from transformer_lrp.adapters import build_encoder, clip
+from transformer_lrp.conservation import warn_if_off
 from transformer_lrp.errors import InputError
 from transformer_lrp.explanation import ClipExplanation, Explanation
 
@@ -43,8 +45,8 @@ def explain(
             ``(images, token_ids)``; the result is a :class:`ClipExplanation` of both towers per pair.
         target: CLIP: ``None`` (the pairs (image i, text i)), `[B_img]` (a text per image) or a tuple
             ``(image_index, text_index)`` of pairs. Otherwise the class to explain:
-            ``None`` (each sample's argmax), an ``int`` for all samples, or `[B]` per-sample
-            classes. Default: ``None``.
+            ``None`` (each sample's argmax), an ``int`` for all samples (numpy integers too), or `[B]` per-sample
+            classes (a tensor, a list or a numpy integer array). Default: ``None``.
         method: ``"transformer_attribution"`` (the paper; alias ``"grad"``), ``"gae"``, ``"rollout"``,
             ``"raw_attention"``, ``"attention_gradcam"``, ``"partial_lrp"`` or ``"full_lrp"``.
             Default: ``"transformer_attribution"``.
@@ -67,7 +69,11 @@ def explain(
             Default: ``None``.
 
     Returns:
-        An :class:`Explanation` with ``relevance`` `[B, T]`, ``target`` `[B]` and ``logits`` `[B, C]`.
+        An :class:`Explanation` with ``relevance`` `[B, T]`, ``target`` `[B]` and ``logits`` `[B, C]`; for
+        ``full_lrp`` also ``conservation``, the relevance reaching the input against the relevance put in at the
+        explained logit. A :class:`~transformer_lrp.ConservationWarning` says when they differ by more than
+        :data:`~transformer_lrp.conservation.CONSERVATION_BOUND` (docs/method.md §10: on real weights, full LRP's
+        total is off by orders of magnitude, as in the original code).
 
     Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (the head's gradient enables its own autograd).
     An empty batch raises ``InputError``.
@@ -98,7 +104,10 @@ def explain(
                              "inference_mode (calling explain inside it is fine)") from exc
 
 
-def _explain(enc, inputs, target_t, method, start, normalize_rows, cls_relevance, backend) -> Explanation:
+def _explain(enc, inputs, target_t, method, start, normalize_rows, cls_relevance, backend,
+             frames_to_caller: int = 3) -> Explanation:
+    """``frames_to_caller``: stack frames from here to explain's caller, whom a warning names (explain → _explain:
+    3 counting warn_if_off's own; CLIP goes through _explain_clip, one more)."""
     emb = enc.embed(inputs)
     batch = emb.tokens.shape[0]
     if batch == 0:
@@ -119,6 +128,8 @@ def _explain(enc, inputs, target_t, method, start, normalize_rows, cls_relevance
         return t.to(logits.device)
 
     out = methods.run(enc, emb, method, target_t, start, normalize_rows, check_target, resolved_backend)
+    if out.conservation is not None:
+        warn_if_off(out.conservation, method, stacklevel=frames_to_caller)
 
     if enc.modality == "vision":
         if method == "full_lrp":
@@ -127,11 +138,11 @@ def _explain(enc, inputs, target_t, method, start, normalize_rows, cls_relevance
             relevance, pixels = out.row[:, enc.num_prefix_tokens :], None
         return Explanation(
             relevance=relevance.detach(), target=out.target, logits=out.logits, method=method, modality="vision",
-            grid_size=enc.grid_size, image_size=enc.image_size, pixel_relevance=pixels,
+            grid_size=enc.grid_size, image_size=enc.image_size, pixel_relevance=pixels, conservation=out.conservation,
         )
     relevance = _text_conventions(out.row.detach(), emb.key_mask, cls_relevance)
     return Explanation(relevance=relevance, target=out.target, logits=out.logits, method=method, modality="text",
-                       attention_mask=emb.key_mask)
+                       attention_mask=emb.key_mask, conservation=out.conservation)
 
 
 def _check_start_layer(method: str, start_layer: int, depth: int) -> int:
@@ -150,14 +161,19 @@ def _check_start_layer(method: str, start_layer: int, depth: int) -> int:
 def _target_tensor(target: object) -> torch.Tensor | None:
     if target is None:
         return None
-    if isinstance(target, bool):
-        raise InputError("target must be an int, a [B] tensor of class indices, or None")
-    if isinstance(target, int):
-        return torch.tensor(target)
-    if isinstance(target, (list, tuple)):
-        target = torch.tensor(target)
-    if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise InputError("target must be an int, a [B] tensor of class indices, or None")
+    message = "target must be an int, a [B] tensor, list or numpy array of class indices, or None"
+    if isinstance(target, bool) or type(target).__name__ == "bool_":  # bool is an int; numpy's bool_ is not
+        raise InputError(message)
+    if isinstance(target, numbers.Integral):  # int and numpy's integer scalars
+        return torch.tensor(int(target))
+    if isinstance(target, (list, tuple)) or type(target).__module__ == "numpy":  # numpy arrays
+        try:
+            target = torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"{message} ({exc})") from None
+    if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point or target.dtype.is_complex \
+            or target.dtype == torch.bool:
+        raise InputError(message)
     if target.dim() > 1:
         raise InputError(f"target must be an int or a [B] tensor, got shape {tuple(target.shape)}")
     return target.long()
@@ -254,6 +270,7 @@ def _explain_clip(spec: clip.ClipSpec, inputs, target, method, start_layer, norm
             ("text", _select_text(text, text_index.to(text_emb.device)), image_index, image_emb)):
         enc = spec.encoder(which, other)
         start = _check_start_layer(method, start_layer, enc.depth)
-        per_tower.append(_explain(enc, tower_inputs, tower_target, method, start, normalize_rows, "keep", backend))
+        per_tower.append(_explain(enc, tower_inputs, tower_target, method, start, normalize_rows, "keep", backend,
+                                  frames_to_caller=4))
     return ClipExplanation(image=per_tower[0], text=per_tower[1], image_index=image_index, text_index=text_index,
                            logits_per_image=spec.logit_scale * image_emb @ text_emb.T)

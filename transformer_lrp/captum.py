@@ -87,7 +87,8 @@ class TransformerAttribution(Attribution):
     def compute_convergence_delta(self, attributions: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """``1 − Σ attributions`` per sample: how far the relevance reaching the input is from the one-hot target's
         total. Defined for ``full_lrp`` (relevance propagated to the input); under the baselines' rules it is not 0
-        (their Linear rule does not conserve, SPEC §2.4). The other methods output maps, not conserved relevance."""
+        (their Linear rule does not conserve, docs/method.md §2.4 and §10; ``Explanation.conservation`` has the totals).
+        The other methods output maps, not conserved relevance."""
         method = method or self.method
         if method != "full_lrp":
             raise InputError(f"the convergence delta is defined for full_lrp (relevance propagated to the input), "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from transformer_lrp.conservation import Conservation
 
 
 @dataclass
@@ -24,6 +27,9 @@ class Explanation:
         image_size: `(H, W)` of the input images (vision).
         attention_mask: `[B, T]` bool (text; ``None`` when no position is padding).
         pixel_relevance: `[B, H, W]`, ``full_lrp`` on vision only: relevance on pixels, summed over channels.
+        conservation: ``full_lrp`` (the methods that carry relevance to the input): the relevance put in at the
+            explained logit against the total that reached the input (:class:`~transformer_lrp.Conservation`);
+            ``None`` for the methods whose output is a map.
     """
 
     relevance: torch.Tensor
@@ -35,6 +41,7 @@ class Explanation:
     image_size: tuple[int, int] | None = None
     attention_mask: torch.Tensor | None = None
     pixel_relevance: torch.Tensor | None = None
+    conservation: Conservation | None = None
 
     def __len__(self) -> int:
         return self.relevance.shape[0]
@@ -45,14 +52,14 @@ class Explanation:
             raise ValueError("maps() needs a vision explanation (text relevance has no grid)")
         return self.relevance.reshape(-1, *self.grid_size)
 
-    def image_maps(self, size: tuple[int, int] | None = None, normalize: bool = True) -> torch.Tensor:
-        r"""Vision: `[B, H, W]` maps at image resolution (default: the input size).
+    def image_maps(self, size: int | tuple[int, int] | None = None, normalize: bool = True) -> torch.Tensor:
+        r"""Vision: `[B, H, W]` maps at image resolution (default: the input size; an int is a square size).
 
         Patch maps are upsampled bilinearly (``align_corners=False``, as the paper's evaluation does);
         ``full_lrp`` already lives on pixels. With ``normalize`` each map is min–max scaled to [0, 1]
         (a constant map becomes 0).
         """
-        size = tuple(size or self.image_size)  # type: ignore[arg-type]
+        size = image_size_of(size, self.image_size)
         if self.pixel_relevance is not None:
             out = self.pixel_relevance
             if tuple(out.shape[-2:]) != size:
@@ -60,6 +67,24 @@ class Explanation:
         else:
             out = F.interpolate(self.maps()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         return min_max(out) if normalize else out
+
+
+def image_size_of(size: object, default: tuple[int, int] | None) -> tuple[int, int]:
+    """``size`` as ``(H, W)``: an int (Python or numpy) is a square, ``None`` the default."""
+    if size is None:
+        if default is None:
+            raise ValueError("no size given and the explanation has no image size")
+        return tuple(default)
+    sides = (size, size) if not isinstance(size, (tuple, list, torch.Size)) else tuple(size)
+    try:
+        if len(sides) != 2 or any(isinstance(s, bool) for s in sides):
+            raise TypeError
+        height, width = (operator.index(s) for s in sides)
+    except TypeError:
+        raise ValueError(f"size must be an int or (H, W) of ints, got {size!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return height, width
 
 
 def min_max(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,5 +133,5 @@ class ClipExplanation:
     def __len__(self) -> int:
         return self.image_index.shape[0]
 
-    def image_maps(self, size: tuple[int, int] | None = None, normalize: bool = True) -> torch.Tensor:
+    def image_maps(self, size: int | tuple[int, int] | None = None, normalize: bool = True) -> torch.Tensor:
         return self.image.image_maps(size, normalize)

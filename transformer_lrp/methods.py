@@ -1,5 +1,5 @@
-"""Methods (SPEC §3–5): what each explanation asks of the sweep (``sweep.py``), and how it turns the result into a
-row over tokens.
+"""Methods (docs/method.md §3–5): what each explanation asks of the sweep (``sweep.py``), and how it turns the result
+into a row over tokens.
 
 Every method yields the CLS row over all tokens ``[B, N]`` (the API then drops prefix tokens for vision and applies
 the text conventions). Rollout-style products are streamed top-down inside the attention op, so no ``[B, N, N]``
@@ -17,6 +17,7 @@ from transformer_lrp import sweep
 from transformer_lrp._backend import route
 from transformer_lrp._numerics import accumulation_dtype
 from transformer_lrp.adapters.spec import Embedded, EncoderSpec
+from transformer_lrp.conservation import Conservation, measure
 from transformer_lrp.explanation import min_max, scale_to_unit
 from transformer_lrp.ops import attention_weighted_map, z_add
 
@@ -42,6 +43,7 @@ class MethodOutput:
     target: torch.Tensor  # [B]
     pixels: torch.Tensor | None = None  # full LRP, vision: [B, H, W]
     patch_tokens: torch.Tensor | None = None  # full LRP, vision: [B, P]
+    conservation: Conservation | None = None  # methods that carry relevance to the input (full LRP)
 
 
 class ClsRowOfMap:
@@ -137,19 +139,22 @@ def run(
                                 observe)
         with torch.no_grad():
             tokens, patches = emb.to_input(r_in, z_add)
-        if enc.modality == "vision":
-            return MethodOutput(torch.empty(0), logits, t, pixels=tokens, patch_tokens=patches)
-        return MethodOutput(tokens, logits, t)
+        vision = enc.modality == "vision"
+        # the one-hot start put 1 in at the target's logit (sweep.head_relevance)
+        kept = measure(logits, t, sweep.onehot(logits, t).sum(1), r_in, tokens if vision else None)
+        if vision:
+            return MethodOutput(torch.empty(0), logits, t, pixels=tokens, patch_tokens=patches, conservation=kept)
+        return MethodOutput(tokens, logits, t, conservation=kept)
 
     raise AssertionError(method)  # validated by the API
 
 
 def _attention_gradcam(enc: EncoderSpec, emb: Embedded, target, check_target, rules: sweep.Rules) -> MethodOutput:
-    """Attention GradCAM (SPEC §4): per-head weights ``w_h`` = the mean of ``∇A_h`` (vision: over the CLS row's
-    patch columns; text: over the real (query, key) pairs), the map ``(mean_h w_h A_h)⁺``, min–max. ``∇A = dO Vᵀ``
-    makes the weights closed-form means of ``dO`` and ``V``, and the weighted map comes from its own op, so no
-    ``[B, H, N, N]`` is formed. Vision reads the CLS row of the pooled top block; text normalizes over the whole
-    matrix, so its last block computes every row."""
+    """Attention GradCAM (docs/method.md §4): per-head weights ``w_h`` = the mean of ``∇A_h`` (vision: over the CLS
+    row's patch columns; text: over the real (query, key) pairs), the map ``(mean_h w_h A_h)⁺``, min–max.
+    ``∇A = dO Vᵀ`` makes the weights closed-form means of ``dO`` and ``V``, and the weighted map comes from its own
+    op, so no ``[B, H, N, N]`` is formed. Vision reads the CLS row of the pooled top block; text normalizes over the
+    whole matrix, so its last block computes every row."""
     vision = enc.modality == "vision"
     last = enc.depth - 1
     x, caches, rows = sweep.forward(enc, emb, last, vision, rules.backend)

@@ -1,4 +1,4 @@
-"""The sweep every explanation runs, on every backend (DESIGN.md, ideas 1–3).
+"""The sweep every explanation runs, on every backend (docs/design.md §3–6).
 
 Forward: each block's attention is one op that keeps ``O`` and the row log-sum-exp, never ``A``
 (``ops.attention_forward``), and no autograd graph is built. Reverse: one top-down pass carries the gradient of the
@@ -48,7 +48,7 @@ from transformer_lrp.ops import (
 
 @dataclass(frozen=True)
 class Rules:
-    """The relevance rules of the method (SPEC §2.4, §2.8: α1β0 Linear, normalized add; the original's
+    """The relevance rules of the method (docs/method.md §2.4, §2.8: α1β0 Linear, normalized add; the original's
     ``layers_ours``) or of the baselines (separate-normalizer Linear, plain z-rule add; ``layers_lrp``), and the
     backend of the ops that have kernels. Every rule returns ``None`` for what is not carried."""
 
@@ -78,7 +78,8 @@ class Rules:
     def norm_add(self, u: torch.Tensor, v: torch.Tensor | None, norm: NormSpec, grad, rel, grad_res=None,
                  rel_res=None):
         """``LN(z)`` with ``z = u + v`` (or ``u``), ``z`` also feeding a residual path (``grad_res``, ``rel_res``):
-        ``(dL/dz, R_u, R_v)``. LayerNorm is an identity for relevance (SPEC §2.7), then clone (§2.9), then the add."""
+        ``(dL/dz, R_u, R_v)``. LayerNorm is an identity for relevance (docs/method.md §2.7), then clone (§2.9), then
+        the add."""
         if grad is not None:
             backend = self.backend
             if backend == "cuda" and (v is None or rel is None):  # the CUDA C++ kernel covers the split case only
@@ -332,7 +333,7 @@ _GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 def _activation_grad(name: str, x: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
-    """``grad ⊙ act'(x)`` (activations are identities for relevance, SPEC §2.7)."""
+    """``grad ⊙ act'(x)`` (activations are identities for relevance, docs/method.md §2.7)."""
     if grad is None:
         return None
     if name in _GELU_APPROXIMATE:  # the common case, without re-running the activation

@@ -23,7 +23,7 @@ def safe_div_ref(a, b):
 
 @triton.jit
 def safe_div(a, b, eps):
-    # safe_divide of the reference (SPEC §2.2): a / (b + eps), eps where that sum is 0, and 0 where b == 0
+    # safe_divide of the reference (docs/method.md §2.2): a / (b + eps), eps where that sum is 0, and 0 where b == 0
     den = b + eps
     den = tl.where(den == 0.0, eps, den)
     return tl.where(b == 0.0, 0.0, a / den)

@@ -8,7 +8,7 @@ Per (sample, head): ``sc = scale · Q Kᵀ`` (padded keys masked; optionally cau
 
 ``_attn_bwd_prep_kernel`` (grid: query tiles × B·H) forms, from ``O``, the output gradient ``dO`` and the output
 relevance ``R_O``, the row terms the backward reads: ``Δ = rowsum(dO ⊙ O)`` and ``hS = safe_divide(R_O, O) / 2``
-(the halved G-rule factor, docs/method.md), so that no float32 ``[B, H, N, d]`` temporary is formed on the host.
+(the halved G-rule factor, docs/method.md §2.6), so that no float32 ``[B, H, N, d]`` temporary is formed on the host.
 
 The backward recomputes ``P = exp(sc − lse)`` tile by tile and forms
   gradient   ``dP = dO Vᵀ``, ``dS = P ⊙ (dP − Δ)``, ``dQ = scale·dS K``, ``dK = scale·dSᵀ Q``, ``dV = Pᵀ dO``;
@@ -819,8 +819,7 @@ def attention_bwd(
     if need_rel:
         result["rel_key"], result["rel_value"] = rk, rv
         if mask_add and mask_add_normalized:
-            # The padding-mask add's normalization (docs/method.md, the normalized add with v = 0), per sample:
-            # scales R_Q and R_K.
+            # The padding-mask add's normalization (docs/method.md §2.8 with v = 0), per sample: scales R_Q and R_K.
             s_u, s_r = sums.double().sum(dim=(1, 2)).unbind(-1)
             factor = normalized_add_factors(s_u, torch.zeros_like(s_u), s_r)[0].to(q.dtype)[:, None, None, None]
             result["rel_query"] = result["rel_query"] * factor

@@ -2,9 +2,9 @@
 
 For ``z = u + v`` (or ``z = u``) feeding ``LN``:
   gradient   ``dz = LN_backward(z; dY) (+ dR)``, with ``dR`` the gradient reaching ``z`` by the residual path;
-  relevance  LayerNorm is an identity (SPEC §2.7): ``R_z = R_LN``, or ``clone(z; R_LN, R_res)`` when ``z`` also
-             feeds the residual (SPEC §2.9); then the normalized add (SPEC §2.8) splits ``R_z`` over ``u`` and
-             ``v`` with per-sample totals.
+  relevance  LayerNorm is an identity (docs/method.md §2.7): ``R_z = R_LN``, or ``clone(z; R_LN, R_res)`` when
+             ``z`` also feeds the residual (§2.9); then the normalized add (§2.8) splits ``R_z`` over ``u`` and ``v``
+             with per-sample totals.
 Pass 1 (``_ln_rel_pass1_kernel``) writes ``dz`` and either ``R_z`` (no split) or the row's partial sums of
 ``u·S``, ``v·S`` and ``R_z`` (``S = safe_divide(R_z, z)``), float64. The host adds a sample's rows and forms the
 two factors. Pass 2 (``_ln_rel_pass2_kernel``) recomputes ``R_z`` and writes ``R_u``, ``R_v``.

@@ -1,4 +1,4 @@
-"""LRP-α1β0 of a Linear layer with the sign-split identity (DESIGN.md): the three GEMMs stay with the BLAS
+"""LRP-α1β0 of a Linear layer with the sign-split identity (docs/design.md §4): the three GEMMs stay with the BLAS
 (``|x||W|ᵀ``, ``S W``, ``S |W|``); Triton fuses the elementwise work around them into two passes.
 
 ``_alpha1beta0_scale_kernel``: from ``|x||W|ᵀ``, the forward output ``y`` (``x Wᵀ + b``), the bias and the

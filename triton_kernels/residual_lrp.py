@@ -1,4 +1,4 @@
-"""Normalized add (SPEC §2.8) as two Triton passes with per-sample sums.
+"""Normalized add (docs/method.md §2.8) as two Triton passes with per-sample sums.
 
 Pass 1 (``_normalized_add_sums_kernel``): grid ``(B, chunks)``; each program reads a chunk of one sample's
 ``R``, ``u``, ``v`` and writes its partial sums of ``u·S``, ``v·S`` and ``R`` (``S = safe_divide(R, u + v)``) to

@@ -5,8 +5,8 @@ the text tower with a causal mask), and the explained score is the similarity lo
 ``logit_scale · ⟨normalize(P_img · LN_post(cls_i)), normalize(P_txt · LN_final(eos_j))⟩`` of one image–text pair.
 A tower's "head" is its projection, the L2 normalization and a Linear whose rows are the other tower's normalized
 embeddings times ``logit_scale``: the other tower is held fixed, so the score is linear in this tower's normalized
-embedding. For relevance the normalization is an identity (as a LayerNorm, SPEC §2.7) and the last Linear runs the
-method's α1β0 rule, so relevance is conserved; gradients see the true normalization.
+embedding. For relevance the normalization is an identity (as a LayerNorm, docs/method.md §2.7) and the last Linear
+runs the method's α1β0 rule, so relevance is conserved; gradients see the true normalization.
 """
 
 from __future__ import annotations

@@ -136,6 +136,7 @@ def _build_bert_like(model: nn.Module, roberta: bool) -> EncoderSpec:
         num_classes=int(num_classes),
         num_prefix_tokens=0,
         embed=embed,
+        max_tokens=max_len,
     )
 
 
@@ -189,6 +190,7 @@ def _build_distilbert(model: nn.Module) -> EncoderSpec:
         num_classes=int(model.classifier.out_features),
         num_prefix_tokens=0,
         embed=embed,
+        max_tokens=int(position.shape[0]),
     )
 
 

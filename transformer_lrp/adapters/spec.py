@@ -157,6 +157,7 @@ class EncoderSpec:
     embed: Callable[[object], Embedded]
     grid_size: tuple[int, int] | None = None
     image_size: tuple[int, int] | None = None
+    max_tokens: int | None = None  # text: the longest input the position embeddings take
 
     @property
     def depth(self) -> int:

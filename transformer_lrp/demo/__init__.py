@@ -16,13 +16,15 @@ import torch
 
 from transformer_lrp import viz
 from transformer_lrp.api import explain
+from transformer_lrp.conservation import CONSERVATION_BOUND
 from transformer_lrp.demo import assets
 from transformer_lrp.methods import LAYERED
 
 
 def special_free(tokenizer, ids: torch.Tensor, scores: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-    """The tokens of one sentence without its special tokens ([CLS], [SEP], padding), and their scores."""
-    special = set(tokenizer.all_special_ids)
+    """The tokens of one sentence without its special tokens ([CLS], [SEP], padding), and their scores. The
+    unknown token ([UNK]) stays: it stands for a word of the text the tokenizer does not know."""
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     keep = [i for i, t in enumerate(ids.tolist()) if t not in special]
     return tokenizer.convert_ids_to_tokens([int(ids[i]) for i in keep]), scores[keep]
 
@@ -36,6 +38,19 @@ def readable(tokenizer, exp, input_ids: torch.Tensor) -> list[tuple[list[str], t
         t = int(exp.target[i])
         rows.append((*special_free(tokenizer, input_ids[i].cpu(), exp.relevance[i].cpu()), t, float(probs[i, t])))
     return rows
+
+
+def say_conservation(exp, what: str, say=print) -> None:
+    """For a method that carries relevance to the input (full LRP): how far the total that reached it is from the
+    relevance put in at the explained logit (docs/method.md §10)."""
+    kept = exp.conservation
+    if kept is None:
+        return
+    ratio = kept.ratio.tolist()
+    span = f"{ratio[0]:.3g}" if min(ratio) == max(ratio) else f"{min(ratio):.3g} to {max(ratio):.3g}"
+    say(f"  {kept.location} receive {span} times the relevance put in at the explained logit (1 when conserved): "
+        f"{int(kept.off().sum())} of {len(ratio)} {what}s negative or beyond {CONSERVATION_BOUND:g}x either way "
+        "(docs/method.md §10)")
 
 
 def run(out: Path, n_images: int = 4, n_texts: int = 6, method: str = "transformer_attribution",
@@ -64,6 +79,7 @@ def run(out: Path, n_images: int = 4, n_texts: int = 6, method: str = "transform
         title = f"{names[pred]} (p={float(probs[i, pred]):.2f})   true: {names[true]}   [{method}]"
         written.append(viz.save_panel(out / f"image_{i}.png", bench.images[i], exp.maps()[i].cpu(), title))
         say(f"  image_{i}.png  predicted {names[pred]:<9} p={float(probs[i, pred]):.2f}  true {names[true]}")
+    say_conservation(exp, "image", say)
     torch.save({"relevance": exp.relevance.cpu(), "maps": exp.maps().cpu(), "target": exp.target.cpu(),
                 "labels": bench.labels, "class_names": names, "method": method}, out / "image_relevance.pt")
     written.append(out / "image_relevance.pt")
@@ -84,8 +100,9 @@ def run(out: Path, n_images: int = 4, n_texts: int = 6, method: str = "transform
     for (_, _, pred, p), text, label in zip(rows, texts, labels.tolist()):
         titles.append(f"{label_names[pred]} (p={p:.2f})   true: {label_names[label]}")
         say(f"  [{len(titles) - 1}] {label_names[pred]:<8} p={p:.2f}  true {label_names[label]:<8}  {text[:70]}")
+    say_conservation(exp_t, "sentence", say)
     token_rows, score_rows = [r[0] for r in rows], [r[1] for r in rows]
-    page = viz.html_page(viz.text_html(token_rows, score_rows, titles=titles),
+    page = viz.html_page(viz.text_html(token_rows, score_rows, titles=titles, unknown_token=tok.unk_token),
                          title=f"{method}: all-MiniLM-L6-v2 sentiment ({100 * meta['text']['accuracy']:.1f} % "
                                "held-out accuracy)")
     (out / "text.html").write_text(page, encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Benchmarks built offline from real material (ASSETS.md), deterministic given a seed.
+"""Benchmarks built offline from real material (docs/assets.md), deterministic given a seed.
 
 * ``fashion_canvases``: a Fashion-MNIST item (Debian ``dataset-fashion-mnist``), upsampled and tinted, pasted on a
   crop of a real CC0 texture bundled with scikit-image (brick, grass, gravel), with a distractor patch cut from a
@@ -63,7 +63,7 @@ def fashion_canvases(
 ) -> ImageBenchmark:
     """``n`` canvases; classes are balanced (sample ``i`` has class ``classes[i % len(classes)]``).
 
-    The object covers about 15–25 % of the canvas (small objects made every map look alike in a trial, ASSETS.md).
+    The object covers about 15–25 % of the canvas (small objects made every map look alike in a trial, docs/assets.md).
     """
     import skimage.data as sk
 

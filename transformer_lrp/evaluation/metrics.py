@@ -1,4 +1,4 @@
-"""The paper's evaluation metrics (SPEC §6), batched, on any device.
+"""The paper's evaluation metrics (docs/method.md §6), batched, on any device.
 
 Perturbation (§6.1): remove the most (positive test) or least (negative test) relevant pixels/tokens in steps of
 10 %, classify, and score top-1 accuracy against the ground-truth label; AUC = 100 · trapz over

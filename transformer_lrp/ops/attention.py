@@ -1,8 +1,8 @@
-"""Relevance of the two attention matmuls (SPEC §2.6): the G rule, then halved.
+"""Relevance of the two attention matmuls (docs/method.md §2.6): the G rule, then halved.
 
 ``O = A V`` and ``dots = Q Kᵀ`` are bilinear, so each operand's G-rule relevance already sums to the full output
-relevance; the reference divides both by 2. The softmax between them is an identity (SPEC §2.7), and so are the
-``d^{-1/2}`` scaling and (in the method's rules) the padding-mask add, which is handled by the caller.
+relevance; the reference divides both by 2. The softmax between them is an identity (docs/method.md §2.7), and so
+are the ``d^{-1/2}`` scaling and (in the method's rules) the padding-mask add, which is handled by the caller.
 Shapes: ``A [B, H, N, N]``, ``Q, K, V, O [B, H, N, d]``.
 
 Below the two rules (the engine's materialized path): the whole softmax attention as fused ops, each with its
@@ -263,7 +263,8 @@ def attention_relevance(
             ``lse`` (``attention_forward``).
         scale: the scores' scale.
         grad_out: ``∂y/∂O``: gives ``grad_query/key/value`` (and ``∇A = dO Vᵀ`` for the map).
-        rel_out: relevance of ``O``: gives ``rel_query/key/value`` (SPEC §2.6: G rules halved, softmax identity).
+        rel_out: relevance of ``O``: gives ``rel_query/key/value`` (docs/method.md §2.6: G rules halved, softmax
+            identity).
         key_mask: `[B, NK]` bool, True for real keys.
         mask_add: the model adds its padding mask to the scores (BERT): relevance passes that add by the
             method's normalized add (its per-sample factor scales ``rel_query`` and ``rel_key``), or by the plain
@@ -374,8 +375,8 @@ def attention_weighted_map(
     causal: bool = False,
     window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""The head-weighted attention map of attention GradCAM, ``E = (mean_h w_h A_h)⁺`` (SPEC §4), reduced without
-    forming ``[B, H, N, N]``: one row of it and its per-sample min and max over real (query, key) pairs.
+    r"""The head-weighted attention map of attention GradCAM, ``E = (mean_h w_h A_h)⁺`` (docs/method.md §4), reduced
+    without forming ``[B, H, N, N]``: one row of it and its per-sample min and max over real (query, key) pairs.
 
     Args:
         query, key, lse: the fused forward's ``Q [B,H,NQ,d]`` (unscaled), ``K [B,H,NK,d]`` and row log-sum-exp.

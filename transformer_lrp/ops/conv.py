@@ -1,4 +1,4 @@
-"""z^B (bounded-input) rule of the patch-embedding convolution (SPEC §2.5), used by the ``full_lrp`` baseline.
+"""z^B (bounded-input) rule of the patch-embedding convolution (docs/method.md §2.5), used by the ``full_lrp`` baseline.
 
 With per-sample bounds ``L = min(X)``, ``H = max(X)`` over all channels and pixels of the (normalized) image:
 ``Z = conv(X, W) − conv(L, W⁺) − conv(H, W⁻) + 1e-9`` (plain division, no bias), and

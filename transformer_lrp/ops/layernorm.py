@@ -1,5 +1,5 @@
 """LayerNorm in the sweep that carries gradient and relevance: its gradient backward, fused with the relevance
-rules next to it (SPEC §2.7 identity, §2.9 clone, §2.8 normalized add).
+rules next to it (docs/method.md §2.7 identity, §2.9 clone, §2.8 normalized add).
 
 Pre-LN blocks (ViT): ``z = x + branch`` feeds ``LN`` and the residual, so ``dz = LN'(dY) + d_res`` and
 ``R_z = clone(z; R_LN, R_res)``, then split over ``x`` and ``branch``. Post-LN blocks (BERT): ``y = LN(branch + x)``,
@@ -94,7 +94,7 @@ def layernorm_relevance(
 
 class AddLayerNormLRPFunction(torch.autograd.Function):
     """``LN(u + v)`` (a post-LN residual) whose backward returns ``(R_u, R_v)`` for an incoming relevance of the
-    output: the LayerNorm passes relevance unchanged (SPEC §2.7), the add splits it by the normalized add."""
+    output: the LayerNorm passes relevance unchanged (docs/method.md §2.7), the add splits it by the normalized add."""
 
     @staticmethod
     def forward(ctx, u, v, weight=None, bias=None, ln_eps=1e-5, backend=None):

@@ -1,9 +1,10 @@
-"""Linear layer relevance: LRP-α1β0 (SPEC §2.4), its sign-split form, and the baselines' separate-normalizer variant.
+"""Linear layer relevance: LRP-α1β0 (docs/method.md §2.4), its sign-split form, and the baselines'
+separate-normalizer variant.
 
 Shapes: ``x [..., in]``, ``weight [out, in]``, ``relevance [..., out]`` → ``[..., in]``. The bias never takes
 relevance (the reference ignores it).
 
-Sign-split identity (DESIGN.md): ``(x_j W_ij)⁺ = (x_j W_ij + |x_j||W_ij|) / 2``, so
+Sign-split identity (docs/design.md §4): ``(x_j W_ij)⁺ = (x_j W_ij + |x_j||W_ij|) / 2``, so
 
     z = (x Wᵀ + |x| |W|ᵀ) / 2            and   R_x = (x ⊙ (S W) + |x| ⊙ (S |W|)) / 2,   S = R ⊘ z.
 
@@ -125,7 +126,7 @@ def _alpha1beta0(x, weight, relevance, grad_output, output, bias, abs_weight, ba
 
 @profiled
 def linear_alpha1beta0_separate(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    r"""The baselines' α1β0 (``layers_lrp.py``, SPEC §2.4): each positive group normalized on its own.
+    r"""The baselines' α1β0 (``layers_lrp.py``, docs/method.md §2.4): each positive group normalized on its own.
 
     ``S₁ = R ⊘ (x⁺W⁺ᵀ)``, ``S₂ = R ⊘ (x⁻W⁻ᵀ)``, ``R_x = x⁺ ⊙ (S₁W⁺) + x⁻ ⊙ (S₂W⁻)``: each group alone conserves
     ``R``, so the total roughly doubles per layer. Used only by the ``partial_lrp`` and ``full_lrp`` baselines.

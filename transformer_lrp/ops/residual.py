@@ -1,4 +1,4 @@
-"""Relevance of the residual add (normalized, SPEC §2.8; plain z-rule for the baselines), clone (§2.9) and the
+"""Relevance of the residual add (normalized, docs/method.md §2.8; plain z-rule for the baselines), clone (§2.9) and the
 CLS select (§2.10). All sums are per sample (over every non-batch dimension), so a sample explained inside a
 batch gets what it gets alone (the original sums over the whole batch, which is only right at batch 1)."""
 
@@ -35,7 +35,7 @@ def z_add(
 def normalized_add(
     relevance: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None, backend: str | None = "torch"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""The normalized add of the method (SPEC §2.8), per sample.
+    r"""The normalized add of the method (docs/method.md §2.8), per sample.
 
     z-rule split, then each branch rescaled so that its total is ``|s_b| / (|s_u| + |s_v|) · Σ R``: the two
     totals add up to ``Σ R``, and a branch whose raw total is negative has its whole map sign-flipped.
