@@ -95,6 +95,10 @@ class BlockCache:
     # Query rows computed (the top block computes only the pooled tokens' rows); None = all. From ``q`` on, the
     # tensors above hold only these rows; ``x``, ``h1``, ``qkv_out``, ``k`` and ``v`` hold all tokens.
     rows: list[int] | None = None
+    gate_out: torch.Tensor | None = None  # decoders: a separate gate projection's output
+    q_pre: torch.Tensor | None = None  # q, k before the rotary embedding (after their norms)
+    k_pre: torch.Tensor | None = None
+    angles: tuple | None = None
 
 
 @dataclass
@@ -109,8 +113,12 @@ class Trace:
     head_outputs: list[list[torch.Tensor]] = field(default_factory=list)
     branch_logits: list[torch.Tensor] = field(default_factory=list)
 
-    def row_of(self, token: int) -> int:
+    pool: torch.Tensor | None = None  # per-sample positions the head reads (CLIP text, decoders)
+
+    def row_of(self, token: int) -> int | torch.Tensor:
         """Index of ``token`` in the last block's rows (attention rows, output tokens)."""
+        if self.pool is not None:
+            return self.pool
         return token if self.top_rows is None else self.top_rows.index(token)
 
 
@@ -130,6 +138,7 @@ def block_forward(
     masked_keys: torch.Tensor | None,
     keep_cache: bool,
     rows: list[int] | None = None,
+    angles: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, BlockCache | None]:
     """Returns ``(output, A, cache)``. ``masked_keys``: `[B, 1, 1, N]` bool, True where the key is padding.
 
@@ -138,36 +147,89 @@ def block_forward(
     """
     h1 = blk.norm1(x) if blk.pre_norm else x
     qkv_out = [lin(h1) for lin in blk.qkv]
-    heads, hd = blk.num_heads, blk.head_dim
+    heads, hd, kv_heads = blk.num_heads, blk.head_dim, blk.heads_kv
     if blk.fused_qkv:
-        b, n, _ = h1.shape
-        q, k, v = qkv_out[0].view(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv_out[0].split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+        q, k, v = _split_heads(q, heads, hd), _split_heads(k, kv_heads, hd), _split_heads(v, kv_heads, hd)
     else:
-        q, k, v = (_split_heads(t, heads, hd) for t in qkv_out)
+        q, k, v = _split_heads(qkv_out[0], heads, hd), _split_heads(qkv_out[1], kv_heads, hd), \
+            _split_heads(qkv_out[2], kv_heads, hd)
+    q_pre = k_pre = None
+    if blk.q_norm is not None:
+        q = blk.q_norm(q)
+    if blk.k_norm is not None:
+        k = blk.k_norm(k)
+    if angles is not None:  # the rotary embedding (decoders), written out here
+        q_pre, k_pre = q, k
+        q, k = _rope(q, *angles), _rope(k, *angles)
+    # shared key/value heads (GQA) repeated for the materialized attention
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    v = v.repeat_interleave(heads // kv_heads, dim=1)
     x_rows = x
     if rows is not None:
         q, x_rows = q[:, :, rows], x[:, rows]
     # Scaling q (not the [B, H, N, N] product) saves a buffer; the rules recover the unscaled q kᵀ exactly.
     scores = (q * blk.scale) @ k.transpose(-1, -2)
-    masked = scores if masked_keys is None else scores.masked_fill(masked_keys, torch.finfo(scores.dtype).min)
+    attend = _attend_mask(masked_keys, blk, scores.shape[-2], scores.shape[-1], scores.device)
+    masked = scores if attend is None else scores.masked_fill(~attend, torch.finfo(scores.dtype).min)
     # Half-precision models get an fp32 softmax (as transformers' eager attention does), cast back.
     attn = masked.softmax(dim=-1, dtype=torch.float32 if scores.dtype in _HALF else None).to(scores.dtype)
+    if attend is not None and blk.causal:  # a left-padded query sees no key: it attends to nothing
+        attn = attn * attend.any(-1, keepdim=True)
     out = attn @ v
     ctx = _merge_heads(out)
     proj_out = blk.proj(ctx)
     branch1 = proj_out * blk.ls1 if blk.ls1 is not None else proj_out
+    if blk.post_attn_norm is not None:
+        branch1 = blk.post_attn_norm(branch1)
     mid = x_rows + branch1 if blk.pre_norm else blk.norm1(branch1 + x_rows)
     h2 = blk.norm2(mid) if blk.pre_norm else mid
     fc1_out = blk.fc1(h2)
-    act_out = ACTIVATIONS[blk.act](fc1_out)
+    gate_out = None
+    if blk.fused_gate_up:
+        g, up = fc1_out.chunk(2, dim=-1)
+        act_out = ACTIVATIONS[blk.act](g) * up
+    elif blk.gate is not None:
+        gate_out = blk.gate(h2)
+        act_out = ACTIVATIONS[blk.act](gate_out) * fc1_out
+    else:
+        act_out = ACTIVATIONS[blk.act](fc1_out)
     fc2_out = blk.fc2(act_out)
     branch2 = fc2_out * blk.ls2 if blk.ls2 is not None else fc2_out
+    if blk.post_mlp_norm is not None:
+        branch2 = blk.post_mlp_norm(branch2)
     y = mid + branch2 if blk.pre_norm else blk.norm2(branch2 + mid)
     cache = None
     if keep_cache:
         cache = BlockCache(x, h1, qkv_out, q, k, v, scores, attn, out, ctx, proj_out, branch1, mid, h2, fc1_out,
-                           act_out, fc2_out, branch2, rows)
+                           act_out, fc2_out, branch2, rows, gate_out, q_pre, k_pre, angles)
     return y, attn, cache
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The half-split rotary embedding: pairs (x_i, x_{i+r/2}) of the first r features turn by the angle."""
+    r = cos.shape[-1]
+    a, b, rest = x[..., : r // 2], x[..., r // 2 : r], x[..., r:]
+    c, s = cos[..., : r // 2], sin[..., : r // 2]
+    return torch.cat([a * c - b * s, b * c + a * s, rest], dim=-1)
+
+
+def _angles(blk: BlockSpec, positions: torch.Tensor, dtype: torch.dtype):
+    freqs = positions.to(torch.float64)[..., None] * blk.rope.inv_freq.to(positions.device, torch.float64)
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return (angles.cos() * blk.rope.scaling).to(dtype), (angles.sin() * blk.rope.scaling).to(dtype)
+
+
+def _attend_mask(masked_keys, blk: BlockSpec, nq: int, nk: int, device):
+    """True where a (query, key) pair attends: real keys; causal: keys up to the query; window: fewer than w back."""
+    attend = None if masked_keys is None else ~masked_keys
+    if blk.causal:
+        pos = torch.arange(nk, device=device)
+        tri = pos[None, :] <= pos[:, None]
+        if blk.window:
+            tri = tri & (pos[:, None] - pos[None, :] < blk.window)
+        attend = tri if attend is None else attend & tri
+    return attend
 
 
 def head_forward(enc: EncoderSpec, tokens: torch.Tensor, trace: Trace) -> torch.Tensor:
@@ -176,12 +238,15 @@ def head_forward(enc: EncoderSpec, tokens: torch.Tensor, trace: Trace) -> torch.
     trace.pooled_inputs = tokens
     logits = None
     for branch in enc.head:
-        h = tokens[:, trace.row_of(branch.token)]
+        row = trace.row_of(branch.token)
+        h = tokens[:, row] if isinstance(row, int) else tokens[torch.arange(tokens.shape[0]), row]
         ins, outs = [], []
         for kind, layer in branch.layers:
             ins.append(h)
-            if kind == "linear" or kind == "norm":
+            if kind in ("linear", "norm", "lm_head"):
                 h = layer(h)
+            elif kind == "softcap":
+                h = torch.tanh(h / layer) * layer
             else:
                 h = ACTIVATIONS[layer](h)
             outs.append(h)
@@ -218,19 +283,20 @@ def forward(enc: EncoderSpec, emb: Embedded, plan: Plan) -> Trace:
     attn: dict[int, torch.Tensor] = {}
     caches: dict[int, BlockCache] = {}
     track = plan.grad_from is not None
-    top_rows = pooled_rows(enc) if plan.pooled_top else None
+    top_rows = pooled_rows(enc) if plan.pooled_top and emb.pool_index is None else None
     for i, blk in enumerate(enc.blocks):
         tracked = track and i >= plan.grad_from
         if tracked and i == plan.grad_from:
             x = x.detach().requires_grad_(True)
         with torch.set_grad_enabled(tracked):
             keep = plan.cache_from is not None and i >= plan.cache_from
-            x, a, cache = block_forward(blk, x, masked, keep, top_rows if i == enc.depth - 1 else None)
+            angles = None if blk.rope is None else _angles(blk, emb.positions, x.dtype)
+            x, a, cache = block_forward(blk, x, masked, keep, top_rows if i == enc.depth - 1 else None, angles)
         if plan.attn_from is not None and i >= plan.attn_from:
             attn[i] = a
         if cache is not None:
             caches[i] = cache
-    trace = Trace(logits=torch.empty(0), attn=attn, caches=caches, top_rows=top_rows)
+    trace = Trace(logits=torch.empty(0), attn=attn, caches=caches, top_rows=top_rows, pool=emb.pool_index)
     with torch.set_grad_enabled(track):
         trace.logits = head_forward(enc, x, trace)
     return trace
@@ -261,7 +327,7 @@ def head_relevance(enc: EncoderSpec, trace: Trace, onehot: torch.Tensor, rules: 
         for (kind, layer), x, y in zip(
             reversed(branch.layers), reversed(trace.head_inputs[k]), reversed(trace.head_outputs[k])
         ):
-            if kind == "linear":
+            if kind in ("linear", "lm_head"):  # the LM head: the whole vocabulary, its one-hot seed included
                 r = rules.linear(x, layer, r, y)
         total = total + select_relevance(tokens, trace.row_of(branch.token), r)
     return total
@@ -283,13 +349,20 @@ def block_relevance(
     With ``through_attention=False`` the sweep stops at ``R_A`` (all that a method needs from the lowest block).
     """
     add, linear = rules.add, rules.linear
-    # MLP half: the residual add, then fc2, activation (identity), fc1, norm (identity), then the clone.
+    # MLP half: the residual add, (a post-norm: identity), fc2, activation (identity; a gate product: halves),
+    # fc1, norm (identity), then the clone.
     if blk.pre_norm:
         r_mid_res, r_branch2 = add(relevance, c.mid, c.branch2)
     else:
         r_branch2, r_mid_res = add(relevance, c.branch2, c.mid)
     r_act = linear(c.act_out, blk.fc2, r_branch2, c.fc2_out)
-    r_h2 = linear(c.h2, blk.fc1, r_act, c.fc1_out)
+    if blk.fused_gate_up:
+        r_h2 = linear(c.h2, blk.fc1, torch.cat([r_act / 2, r_act / 2], dim=-1), c.fc1_out)
+    elif blk.gate is not None:
+        r_h2 = clone_relevance(c.h2, linear(c.h2, blk.gate, r_act / 2, c.gate_out),
+                               linear(c.h2, blk.fc1, r_act / 2, c.fc1_out))
+    else:
+        r_h2 = linear(c.h2, blk.fc1, r_act, c.fc1_out)
     r_mid = clone_relevance(c.mid, r_h2, r_mid_res)
     # Attention half: the residual add, the output projection, then A·V.
     x_rows = c.x if c.rows is None else c.x[:, c.rows]
@@ -300,6 +373,7 @@ def block_relevance(
     r_ctx = linear(c.ctx, blk.proj, r_branch1, c.proj_out)
     r_out = _split_heads(r_ctx, blk.num_heads, blk.head_dim)
     r_attn, r_v = attention_av_relevance(c.attn, c.v, c.out, r_out)
+    r_v = _sum_groups(r_v, blk.heads_kv)
     if not through_attention:
         return None, r_attn
     r_scores = r_attn  # softmax: identity
@@ -308,17 +382,38 @@ def block_relevance(
         # mask is 0 and at padded keys R = 0 (A = 0 there), so the mask side never takes relevance.
         r_scores = add(r_attn, c.scores, None)[0]
     r_q, r_k = attention_qk_relevance(c.q, c.k, c.scores, r_scores, blk.scale)
+    r_k = _sum_groups(r_k, blk.heads_kv)
     if c.rows is not None:  # back to all tokens: the skipped rows carry no relevance
         r_q = _scatter_rows(r_q, c.rows, r_k.shape[2], dim=2)
         r_x_res = _scatter_rows(r_x_res, c.rows, c.x.shape[1], dim=1)
+    if c.angles is not None:  # the rotary embedding's z-rule: gradient × input, with the map's own autograd
+        r_q, r_k = _rope_z_rule(c.q_pre, r_q, c.angles), _rope_z_rule(c.k_pre, r_k, c.angles)
     if blk.fused_qkv:
-        b, n, _ = c.h1.shape
-        r_qkv = torch.stack([t.transpose(1, 2) for t in (r_q, r_k, r_v)], dim=2).reshape(b, n, -1)
+        r_qkv = torch.cat([_merge_heads(t) for t in (r_q, r_k, r_v)], dim=-1)
         r_h1 = linear(c.h1, blk.qkv[0], r_qkv, c.qkv_out[0])
     else:
         parts = [linear(c.h1, lin, _merge_heads(r), y) for lin, r, y in zip(blk.qkv, (r_q, r_k, r_v), c.qkv_out)]
         r_h1 = clone_relevance(c.h1, *parts)  # q, k, v read copies of the same input
     return clone_relevance(c.x, r_h1, r_x_res), r_attn
+
+
+def _sum_groups(t: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """Relevance of the query heads' copies of a shared key/value head, summed back onto it."""
+    b, h, n, d = t.shape
+    return t.reshape(b, heads_kv, h // heads_kv, n, d).sum(dim=2)
+
+
+def _rope_z_rule(x: torch.Tensor, relevance: torch.Tensor, angles: tuple) -> torch.Tensor:
+    """``R_x = x ⊙ Jᵀ(R ⊘ rope(x))``, ``Jᵀ`` by autograd through the rotary embedding (a linear map)."""
+    from transformer_lrp.ops import safe_divide
+
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        out = _rope(leaf, *angles)
+        s = safe_divide(relevance, out.detach())
+        r = x * torch.autograd.grad((out * s).sum(), leaf)[0]
+    rotated = angles[0].shape[-1]  # partial rotary: the features that do not rotate keep their relevance
+    return torch.cat([r[..., :rotated], relevance[..., rotated:]], dim=-1)
 
 
 def relevance_sweep(
@@ -370,9 +465,12 @@ class MethodOutput:
 class StreamingRollout:
     """``v ← v · M`` with ``M = I + E`` (or ``(I + E) / rowsum`` when normalizing), starting at ``e_CLS``."""
 
-    def __init__(self, batch: int, tokens: int, normalize: bool, like: torch.Tensor):
+    def __init__(self, batch: int, tokens: int, normalize: bool, like: torch.Tensor, seed=None):
         self.v = torch.zeros(batch, tokens, dtype=like.dtype, device=like.device)
-        self.v[:, 0] = 1
+        if seed is None:
+            self.v[:, 0] = 1
+        else:  # the row the head reads per sample (CLIP text's EOS, a decoder's explained position)
+            self.v[torch.arange(batch), seed] = 1
         self.normalize = normalize
 
     def update(self, e: torch.Tensor, rows: list[int] | None = None) -> None:
@@ -405,7 +503,7 @@ def run(
                                                      cache_from=start_layer, pooled_top=True))
         t = check_target(trace.logits, target)
         grads = attention_gradients(trace, t, list(range(start_layer, L)))
-        agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
+        agg = StreamingRollout(b, n, normalize_rows, emb.tokens, emb.pool_index)
 
         def on_block(i: int, r_attn: torch.Tensor) -> None:
             # in place: the gradient is used once and dropped
@@ -418,7 +516,7 @@ def run(
         trace = forward(enc, emb, Plan(grad_from=start_layer, attn_from=start_layer, pooled_top=True))
         t = check_target(trace.logits, target)
         grads = attention_gradients(trace, t, list(range(start_layer, L)))
-        agg = StreamingRollout(b, n, normalize_rows, emb.tokens)
+        agg = StreamingRollout(b, n, normalize_rows, emb.tokens, emb.pool_index)
         with torch.no_grad():
             for i in range(last, start_layer - 1, -1):
                 agg.update(grads.pop(i).mul_(trace.attn.pop(i)).clamp_(min=0).mean(dim=1), _rows(trace, i, L))
@@ -428,7 +526,7 @@ def run(
         with torch.no_grad():
             trace = forward(enc, emb, Plan(attn_from=start_layer, pooled_top=True))
             t = check_target(trace.logits, target)
-            agg = StreamingRollout(b, n, True, emb.tokens)
+            agg = StreamingRollout(b, n, True, emb.tokens, emb.pool_index)
             for i in range(last, start_layer - 1, -1):
                 agg.update(trace.attn.pop(i).mean(dim=1), _rows(trace, i, L))
         return MethodOutput(agg.v, trace.logits, t)
@@ -437,7 +535,7 @@ def run(
         with torch.no_grad():
             trace = forward(enc, emb, Plan(attn_from=last, pooled_top=True))
             t = check_target(trace.logits, target)
-            row = trace.attn[last].mean(dim=1)[:, trace.row_of(0)]
+            row = _at_row(trace.attn[last].mean(dim=1), trace.row_of(0))
         return MethodOutput(row, trace.logits, t)
 
     if method == "attention_gradcam":
@@ -457,7 +555,7 @@ def run(
         maps: dict[int, torch.Tensor] = {}
         relevance_sweep(enc, trace, _onehot(trace.logits, t), "baseline", last,
                                lambda i, r: maps.__setitem__(i, r))
-        return MethodOutput(maps[last].clamp(min=0).mean(dim=1)[:, trace.row_of(0)], trace.logits, t)
+        return MethodOutput(_at_row(maps[last].clamp(min=0).mean(dim=1), trace.row_of(0)), trace.logits, t)
 
     if method == "full_lrp":
         with torch.no_grad():
@@ -471,6 +569,11 @@ def run(
         return MethodOutput(tokens, trace.logits, t)
 
     raise AssertionError(method)  # validated by the API
+
+
+def _at_row(maps: torch.Tensor, row) -> torch.Tensor:
+    """``maps [B, N, N]`` at a row: one for all samples, or one per sample."""
+    return maps[:, row] if isinstance(row, int) else maps[torch.arange(maps.shape[0]), row]
 
 
 def _rows(trace: Trace, block: int, depth: int) -> list[int] | None:
@@ -497,6 +600,9 @@ def _gradcam_row(enc: EncoderSpec, emb: Embedded, attn: torch.Tensor, grad: torc
         row[:, p:] = min_max(cam, None)
         return row
     mask = emb.key_mask
+    if enc.blocks[-1].causal and emb.pool_index is not None:  # nothing after the explained row can matter
+        upto = torch.arange(attn.shape[-1])[None, :] <= emb.pool_index[:, None]
+        mask = upto if mask is None else mask & upto
     if mask is None:
         w = grad.mean(dim=(-1, -2))
         valid = None
@@ -505,4 +611,4 @@ def _gradcam_row(enc: EncoderSpec, emb: Embedded, attn: torch.Tensor, grad: torc
         count = valid.sum(dim=(-1, -2)).to(grad.dtype)[:, None]
         w = (grad * valid[:, None]).sum(dim=(-1, -2)) / count
     cam = (w[:, :, None, None] * attn).mean(dim=1).clamp(min=0)  # [B, N, N]
-    return min_max(cam, valid)[:, 0]
+    return _at_row(min_max(cam, valid), cls_row)

@@ -31,6 +31,7 @@ from transformer_lrp.conservation import Conservation, ConservationWarning  # no
 from transformer_lrp.errors import InputError, UnsupportedModelError  # noqa: E402
 from transformer_lrp.explanation import ClipExplanation, Explanation  # noqa: E402
 from transformer_lrp.methods import METHODS  # noqa: E402
+from transformer_lrp.targets import Continuation, Contrast  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,8 @@ __all__ = [
     "METHODS",
     "SUPPORTED",
     "ClipExplanation",
+    "Contrast",
+    "Continuation",
     "Conservation",
     "ConservationWarning",
     "Explanation",

@@ -15,6 +15,7 @@ from transformer_lrp.adapters import build_encoder, clip
 from transformer_lrp.conservation import warn_if_off
 from transformer_lrp.errors import InputError
 from transformer_lrp.explanation import ClipExplanation, Explanation
+from transformer_lrp.targets import Continuation, Contrast
 
 ClsRelevance = Literal["keep", "zero", "min"]
 
@@ -90,6 +91,14 @@ def explain(
             return _explain_clip(clip.build(model), inputs, target, method, start_layer, normalize_rows, backend)
     enc = build_encoder(model)
     start = _check_start_layer(method, start_layer, enc.depth)
+    if enc.language_model:
+        if cls_relevance != "keep":
+            raise InputError("cls_relevance applies to text classifiers with a [CLS] token, not to language models")
+        with torch.inference_mode(False):
+            return _explain_language_model(enc, inputs, target, method, start, normalize_rows, backend)
+    if isinstance(target, (Contrast, Continuation)):
+        raise InputError(f"{type(target).__name__} targets are for language models (*ForCausalLM); "
+                         f"{type(model).__name__} is a classifier: give a class index")
     target_t = _target_tensor(target)
     # Under torch.inference_mode() no autograd is possible; the sweep runs outside it (the head's gradient needs
     # autograd), and under torch.no_grad() it enables what it needs itself.
@@ -190,6 +199,131 @@ def _text_conventions(row: torch.Tensor, key_mask: torch.Tensor | None, cls_rele
         row = row.clone()
         row[:, 0] = valid.amin(dim=1)
     return row
+
+
+# -------------------------------------------------------------------------------------------- language models
+
+
+def _token_ids(value: object, batch: int, device, name: str) -> torch.Tensor:
+    t = _target_tensor(value)
+    if t is None:
+        raise InputError(f"{name} must be a token id (int) or [B] token ids")
+    t = t.expand(batch) if t.dim() == 0 else t
+    if tuple(t.shape) != (batch,):
+        raise InputError(f"{name} must be an int or have shape [{batch}], got shape {tuple(t.shape)}")
+    return t.to(device)
+
+
+def _with_continuation(inputs: object, cont: Continuation, vocab: int) -> tuple[dict, torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor, torch.Tensor, int]:
+    """Prompt + continuation per sample, left-padded to one length, and one explained row per continuation token:
+    ``(inputs, row_sample [R], row_position [R], row_target [R], row_slot [R] (b·C + j), C)``."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs}
+    if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
+        raise InputError("language models take the tokenizer's output: a mapping with 'input_ids' and "
+                         "'attention_mask'")
+    ids = inputs["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise InputError("input_ids must be an integer tensor [B, T]")
+    b, device = ids.shape[0], ids.device
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
+    tokens, cmask = cont.tokens, cont.mask
+    if isinstance(tokens, (list, tuple)):
+        rows = [list(r) for r in tokens] if tokens and isinstance(tokens[0], (list, tuple)) else [list(tokens)] * b
+        if len(rows) != b:
+            raise InputError(f"Continuation.tokens has {len(rows)} rows for {b} prompts")
+        width = max(len(r) for r in rows)
+        tokens = torch.zeros(b, width, dtype=torch.long)
+        cmask = torch.zeros(b, width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            cmask[i, : len(r)] = True
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != b \
+            or tokens.dtype.is_floating_point:
+        raise InputError(f"Continuation.tokens must be [B={b}, C] token ids")
+    tokens = tokens.to(device).long()
+    cmask = torch.ones_like(tokens, dtype=torch.bool) if cmask is None else cmask.to(device).bool()
+    if tokens.shape[1] == 0 or not bool(cmask.any(1).all()):
+        raise InputError("every prompt needs at least one continuation token")
+    if bool((tokens[cmask] < 0).any()) or bool((tokens[cmask] >= vocab).any()):
+        raise InputError(f"continuation token ids out of the vocabulary range [0, {vocab})")
+    seqs = [torch.cat([ids[i][mask[i]], tokens[i][cmask[i]]]) for i in range(b)]
+    n = max(len(q) for q in seqs)
+    new_ids = torch.zeros(b, n, dtype=torch.long, device=device)
+    new_mask = torch.zeros(b, n, dtype=torch.long, device=device)
+    sample, position, target, slot = [], [], [], []
+    c = tokens.shape[1]
+    for i, q in enumerate(seqs):
+        offset = n - len(q)
+        new_ids[i, offset:], new_mask[i, offset:] = q, 1
+        prompt = int(mask[i].sum())
+        for j, tok in enumerate(tokens[i][cmask[i]].tolist()):
+            sample.append(i)
+            position.append(offset + prompt - 1 + j)  # the position whose next-token logit is this token's
+            target.append(tok)
+            slot.append(i * c + j)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return ({"input_ids": new_ids, "attention_mask": new_mask}, as_long(sample), as_long(position),
+            as_long(target), as_long(slot), c)
+
+
+def _explain_language_model(enc, inputs, target, method, start, normalize_rows, backend) -> Explanation:
+    """A decoder LLM: the next-token logit after each prompt (``target``: ``None`` for the predicted token, token ids,
+    a :class:`Contrast`), or each token of a :class:`Continuation`."""
+    continuation = isinstance(target, Continuation)
+    if continuation:
+        inputs, row_sample, row_position, row_target, slot, width = _with_continuation(inputs, target,
+                                                                                       enc.num_classes)
+    emb = enc.embed(inputs)
+    batch = emb.tokens.shape[0]
+    if batch == 0:
+        raise InputError("empty batch: the inputs hold no sample")
+    device = emb.tokens.device
+    versus = None
+    target_t = None
+    if continuation:
+        emb.row_sample, emb.pool_index, target_t = row_sample, row_position, row_target
+    elif isinstance(target, Contrast):
+        target_t = _token_ids(target.token, batch, device, "Contrast.token")
+        versus = _token_ids(target.versus, batch, device, "Contrast.versus")
+        if bool((target_t == versus).any()):
+            raise InputError("Contrast.token and Contrast.versus must differ")
+    elif target is not None:
+        target_t = _token_ids(target, batch, device, "target")
+    resolved_backend = select_backend(backend, (emb.tokens,))
+
+    def check_target(logits: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        if not bool(torch.isfinite(logits).all()):
+            raise InputError("the model's logits are not finite for these inputs")
+        if t is None:
+            return logits.argmax(dim=-1)
+        for name, ids in (("target", t), ("Contrast.versus", versus)):
+            if ids is not None and (bool((ids < 0).any()) or bool((ids >= logits.shape[1]).any())):
+                raise InputError(f"{name} out of range: the vocabulary has {logits.shape[1]} tokens")
+        return t
+
+    out = methods.run(enc, emb, method, target_t, start, normalize_rows, check_target, resolved_backend,
+                      versus=versus)
+    if out.conservation is not None:
+        warn_if_off(out.conservation, method, stacklevel=4)
+    key_mask = emb.key_mask if emb.row_sample is None or emb.key_mask is None else emb.key_mask[emb.row_sample]
+    relevance = out.row.detach() if key_mask is None else out.row.detach().masked_fill(~key_mask, 0)
+    ids = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+    result = dict(relevance=relevance, target=out.target, logits=out.logits, position=emb.pool_index)
+    if continuation:  # rows → [B, C, …], −1 where a ragged continuation has no token
+        result = {k: _unflatten(v, slot, batch, width) for k, v in result.items()}
+    return Explanation(method=method, modality="text", attention_mask=emb.key_mask, conservation=out.conservation,
+                       input_ids=ids, versus=versus, **result)
+
+
+def _unflatten(v: torch.Tensor, slot: torch.Tensor, batch: int, width: int) -> torch.Tensor:
+    """``[R, …]`` rows into ``[B, C, …]`` at their slots ``b·C + j`` (zeros, or −1 for indices, elsewhere)."""
+    shape = (batch * width, *v.shape[1:])
+    out = v.new_zeros(shape) if v.dtype.is_floating_point else v.new_full(shape, -1)
+    out[slot] = v
+    return out.view(batch, width, *v.shape[1:])
 
 
 # ------------------------------------------------------------------------------------------------------- CLIP

@@ -30,6 +30,14 @@ class Explanation:
         conservation: ``full_lrp`` (the methods that carry relevance to the input): the relevance put in at the
             explained logit against the total that reached the input (:class:`~transformer_lrp.Conservation`);
             ``None`` for the methods whose output is a map.
+        input_ids: decoder LLMs: `[B, T]`, the tokens the relevance is over (with a
+            :class:`~transformer_lrp.targets.Continuation`, the prompt followed by the continuation, left-padded).
+        position: decoder LLMs: `[B]` (or `[B, C]`), the position whose next-token logit is explained.
+        versus: a :class:`~transformer_lrp.targets.Contrast`'s other token `[B]`.
+
+    With a :class:`~transformer_lrp.targets.Continuation`, ``relevance`` is `[B, C, T]` (one row per continuation
+    token), ``target`` and ``position`` `[B, C]` (−1 where a ragged continuation has no token) and ``logits``
+    `[B, C, V]`.
     """
 
     relevance: torch.Tensor
@@ -42,6 +50,9 @@ class Explanation:
     attention_mask: torch.Tensor | None = None
     pixel_relevance: torch.Tensor | None = None
     conservation: Conservation | None = None
+    input_ids: torch.Tensor | None = None
+    position: torch.Tensor | None = None
+    versus: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.relevance.shape[0]

@@ -12,6 +12,8 @@ two factors. Pass 2 (``_ln_rel_pass2_kernel``) recomputes ``R_z`` and writes ``R
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -38,6 +40,7 @@ def _ln_rel_pass1_kernel(
     LN_EPS,  # [1] the LayerNorm's eps in the compute dtype (a float argument would reach a GPU as float32)
     HAS_V: tl.constexpr, HAS_W: tl.constexpr, HAS_GRES: tl.constexpr, HAS_REL: tl.constexpr,
     HAS_RRES: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr, BLOCK_D: tl.constexpr,
+    RMS: tl.constexpr = False, W_OFFSET: tl.constexpr = 0.0,  # RMSNorm: no centering, the weight w + W_OFFSET
 ):
     i_m = tl.program_id(0).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
@@ -48,17 +51,20 @@ def _ln_rel_pass1_kernel(
     if HAS_V:
         b_v = tl.load(V + off, mask=m_d, other=0.0).to(DT)
     b_z = b_u + b_v
-    # LayerNorm backward (statistics recomputed from z)
-    mean = tl.sum(b_z, axis=0) / D
-    centered = tl.where(m_d, b_z - mean, 0.0)
+    # the norm's backward (statistics recomputed from z); RMSNorm: no mean, no centering
+    centered = b_z
+    if not RMS:
+        centered = tl.where(m_d, b_z - tl.sum(b_z, axis=0) / D, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / D + tl.load(LN_EPS).to(DT))
     x_hat = centered * rstd
     b_dy = tl.load(G_LN + off, mask=m_d, other=0.0).to(DT)
     if HAS_W:
-        b_dy = b_dy * tl.load(W + o_d, mask=m_d, other=0.0).to(DT)
+        b_dy = b_dy * (tl.load(W + o_d, mask=m_d, other=0.0).to(DT) + W_OFFSET)
     c_xhat = tl.sum(b_dy * x_hat, axis=0) / D
-    c_one = tl.sum(b_dy, axis=0) / D
-    b_dz = (b_dy - x_hat * c_xhat - c_one) * rstd
+    if RMS:
+        b_dz = (b_dy - x_hat * c_xhat) * rstd
+    else:
+        b_dz = (b_dy - x_hat * c_xhat - tl.sum(b_dy, axis=0) / D) * rstd
     if HAS_GRES:
         b_dz += tl.load(G_RES + off, mask=m_d, other=0.0).to(DT)
     tl.store(DZ + off, b_dz.to(DZ.dtype.element_ty), mask=m_d)
@@ -107,6 +113,7 @@ def _eps_tensor(ln_eps: float, dtype: torch.dtype, device) -> torch.Tensor:
     return _EPS[key]
 
 
+@functools.cache
 def _row_candidates(block_d: int, dt):
     """One row per program, the whole row in registers: about 8 (float64: 4) values per thread and tensor by
     default, then twice as many warps (half as many spills for the widest rows). Compile-checked for spills."""
@@ -118,7 +125,7 @@ def _row_candidates(block_d: int, dt):
 def layernorm_relevance_bwd(
     u: torch.Tensor, v: torch.Tensor | None, weight: torch.Tensor | None, ln_eps: float, grad_norm_out: torch.Tensor,
     rel_norm_out: torch.Tensor | None, grad_residual: torch.Tensor | None = None,
-    rel_residual: torch.Tensor | None = None,
+    rel_residual: torch.Tensor | None = None, rms: bool = False, weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launcher; see ``transformer_lrp.ops.layernorm_relevance``. All `[B, N, D]` tensors of one shape."""
     shape = u.shape
@@ -141,7 +148,8 @@ def layernorm_relevance_bwd(
             g_res if g_res is not None else dummy, r_ln if has_rel else dummy, r_res if r_res is not None else dummy,
             dz, rz, part, d, _eps_tensor(ln_eps, u.dtype, u.device)),
            dict(HAS_V=v2 is not None, HAS_W=weight is not None, HAS_GRES=g_res is not None,
-                HAS_REL=has_rel, HAS_RRES=r_res is not None, SPLIT=split, DT=dt, BLOCK_D=block_d), rows, ("D",))
+                HAS_REL=has_rel, HAS_RRES=r_res is not None, SPLIT=split, DT=dt, BLOCK_D=block_d, RMS=rms,
+                W_OFFSET=float(weight_offset)), rows, ("D",))
     if not has_rel:
         return dz.view(shape), None, None
     if not split:

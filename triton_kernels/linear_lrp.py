@@ -9,6 +9,8 @@ below rounding noise: the unit is dropped, as the reference drops ``z = 0``). On
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -69,6 +71,7 @@ def _alpha1beta0_combine_kernel(
     tl.store(OUT + row + o_k, (b_x * b_sw + tl.abs(b_x) * b_sa).to(OUT.dtype.element_ty), mask=m_k)
 
 
+@functools.cache
 def _row_candidates(tile: str, width: int):
     """Elementwise passes over rows of ``width``: a program covers a row (or a 1024-wide chunk of it), default
     first; the wider chunk with more warps for long rows (the MLP's 3072)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from transformer_lrp.adapters import clip, hf, timm_vit
+from transformer_lrp.adapters import clip, decoder, hf, timm_vit
 from transformer_lrp.adapters.spec import EncoderSpec
 from transformer_lrp.errors import UnsupportedModelError
 
@@ -15,6 +15,8 @@ SUPPORTED = (
     "transformers DistilBertForSequenceClassification",
     "transformers ViTForImageClassification",
     "transformers CLIPModel and open_clip CLIP (image-text similarity: explain(model, images and texts))",
+    "transformers decoder LLMs (*ForCausalLM, *ForSequenceClassification) of Llama, Mistral, Qwen2, Qwen3, "
+    "Gemma 3 (text), Phi-3 and GPT-2",
 )
 
 
@@ -22,7 +24,7 @@ def build_encoder(model: nn.Module) -> EncoderSpec:
     """Describe ``model`` for the sweep, or raise ``UnsupportedModelError`` naming what is not supported."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    for adapter in (timm_vit, hf):
+    for adapter in (timm_vit, hf, decoder):
         if adapter.matches(model):
             return adapter.build(model)
     if clip.matches(model):

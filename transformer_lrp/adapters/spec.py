@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from transformer_lrp.ops.layernorm import rms_norm
+from transformer_lrp.ops.rotary import rotary_cos_sin
+
 Modality = Literal["vision", "text"]
 
 
@@ -62,18 +65,37 @@ class LinearSpec:
 
 @dataclass(frozen=True)
 class NormSpec:
-    """A LayerNorm over the last dimension."""
+    """A LayerNorm over the last dimension, or an RMSNorm (``rms``: no centering, no bias; the weight is
+    ``w + weight_offset``, Gemma's ``(1 + w)``; ``scale_in_float32``: a half-precision model multiplies by the weight
+    before rounding back, as Gemma does)."""
 
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     eps: float
+    rms: bool = False
+    weight_offset: float = 0.0
+    scale_in_float32: bool = False
 
     @classmethod
     def of(cls, module: torch.nn.LayerNorm) -> NormSpec:
         return cls(_view(module.weight), _view(module.bias), float(module.eps))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return rms_norm(x, self.weight, self.eps, self.weight_offset, self.scale_in_float32)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+@dataclass(frozen=True)
+class RotarySpec:
+    """Rotary position embeddings on q and k: the inverse frequencies of the rotated width (``2·len(inv_freq) ≤ d``),
+    and the models' amplitude factor (1 but for long-context scalings)."""
+
+    inv_freq: torch.Tensor  # [r / 2]
+    scaling: float = 1.0
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary_cos_sin(positions, self.inv_freq, self.scaling, dtype)
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -94,12 +116,17 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One transformer block. Relevance passes unchanged through norms, activations, LayerScale and dropout."""
+    """One transformer block. Relevance passes unchanged through norms, activations, LayerScale and dropout.
+
+    Decoder LLMs add: key/value heads shared by groups of query heads (``kv_heads``), per-head norms of q and k
+    (``q_norm``, ``k_norm``, before the rotary embedding), the rotary embedding (``rope``), a sliding window, a gated
+    MLP (``gate``: ``fc2(act(gate(h)) ⊙ fc1(h))``, or ``fused_gate_up``: ``fc1`` gives ``[gate; up]``), and norms
+    on the two branches before the residual adds (Gemma's ``post_attn_norm``, ``post_mlp_norm``)."""
 
     pre_norm: bool  # ViT: x + f(LN(x)); BERT: LN(x + f(x))
     norm1: NormSpec
     norm2: NormSpec
-    qkv: tuple[LinearSpec, ...]  # one fused [3D, D] projection, or (q, k, v)
+    qkv: tuple[LinearSpec, ...]  # one fused [(H + 2·H_kv)·d, D] projection, or (q, k, v)
     num_heads: int
     head_dim: int
     scale: float
@@ -112,14 +139,38 @@ class BlockSpec:
     # BERT-style additive padding mask inside the attention: the original code propagates relevance through
     # that add (its rule there is ≈ identity); other models mask without an add.
     mask_add: bool = False
-    causal: bool = False  # a causal mask (CLIP's text tower): keys after the query are masked
+    causal: bool = False  # a causal mask (CLIP's text tower, decoders): keys after the query are masked
+    kv_heads: int | None = None  # GQA/MQA: key/value heads (None: as many as query heads)
+    q_norm: NormSpec | None = None
+    k_norm: NormSpec | None = None
+    rope: RotarySpec | None = None
+    window: int | None = None  # sliding window (with causal): a query sees its last `window` positions
+    gate: LinearSpec | None = None
+    fused_gate_up: bool = False
+    post_attn_norm: NormSpec | None = None
+    post_mlp_norm: NormSpec | None = None
 
     @property
     def fused_qkv(self) -> bool:
         return len(self.qkv) == 1
 
+    @property
+    def heads_kv(self) -> int:
+        return self.num_heads if self.kv_heads is None else self.kv_heads
 
-HeadLayer = tuple[str, object]  # ("linear", LinearSpec) | ("act", name) | ("norm", NormSpec)
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Widths of q, k, v in a fused projection's output."""
+        return (self.num_heads * self.head_dim, self.heads_kv * self.head_dim, self.heads_kv * self.head_dim)
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None or self.fused_gate_up
+
+
+# ("linear", LinearSpec) | ("act", name) | ("norm", NormSpec) | ("softcap", cap: tanh(x / cap)·cap, an activation)
+# | ("lm_head", LinearSpec): a Linear over the vocabulary, whose relevance rule reads only the explained rows
+HeadLayer = tuple[str, object]
 
 
 @dataclass(frozen=True)
@@ -143,6 +194,12 @@ class Embedded:
     # The token the head reads, per sample (CLIP text: the EOS position), in place of the head branch's fixed
     # token; None: the branch's token (CLS). Set, the top block computes every row.
     pool_index: torch.Tensor | None = None
+    # Decoders: each token's position (from the attention mask, so that a left-padded prompt gets the positions it
+    # gets alone) for the rotary embedding, [B, N].
+    positions: torch.Tensor | None = None
+    # Explained rows that share a sample's forward (a continuation's tokens): the sample of each row, [R]; then
+    # ``pool_index`` is [R] and the reverse sweep runs on R rows. None: one row per sample.
+    row_sample: torch.Tensor | None = None
 
 
 @dataclass
@@ -158,6 +215,7 @@ class EncoderSpec:
     grid_size: tuple[int, int] | None = None
     image_size: tuple[int, int] | None = None
     max_tokens: int | None = None  # text: the longest input the position embeddings take
+    language_model: bool = False  # a decoder's LM head: the classes are the vocabulary, read at chosen positions
 
     @property
     def depth(self) -> int:

@@ -2,8 +2,9 @@
 
 Every rule takes the tensors its forward saw and the relevance of its output, and returns the relevance of its
 inputs. The rules are those of docs/method.md §2: ``safe_divide`` (§2.2), the G rule for bilinear ops (§2.3, §2.6),
-Linear α1β0 (§2.4) and its baseline variant, the patch-embedding z^B rule (§2.5), LayerNorm as an identity
-(§2.7), the normalized add (§2.8), clone (§2.9) and the CLS select (§2.10).
+Linear α1β0 (§2.4) and its baseline variant, the patch-embedding z^B rule (§2.5), LayerNorm (and RMSNorm) as an
+identity (§2.7), the normalized add (§2.8), clone (§2.9), the CLS select (§2.10), and for decoder LLMs the rotary
+embedding's z-rule (§2.12) and the gate product's uniform split (§2.13).
 
 The ops with kernels (``normalized_add``, ``linear_alpha1beta0[_with_grad]``, ``layernorm_relevance``,
 ``attention_forward``/``attention_relevance``/``attention_weighted_map``) take ``backend="torch" | "triton" | None``.
@@ -23,13 +24,15 @@ from transformer_lrp.ops.attention import (
     lrp_attention,
 )
 from transformer_lrp.ops.conv import patch_embed_zb_relevance
-from transformer_lrp.ops.layernorm import AddLayerNormLRPFunction, layernorm_relevance, lrp_add_layernorm
+from transformer_lrp.ops.gate import gate_grad, gate_relevance
+from transformer_lrp.ops.layernorm import AddLayerNormLRPFunction, layernorm_relevance, lrp_add_layernorm, rms_norm
 from transformer_lrp.ops.linear import (
     LinearLRPFunction,
     linear_alpha1beta0,
     linear_alpha1beta0_ref,
     linear_alpha1beta0_separate,
     linear_alpha1beta0_with_grad,
+    linear_rows_relevance,
     lrp_linear,
 )
 from transformer_lrp.ops.residual import (
@@ -40,6 +43,7 @@ from transformer_lrp.ops.residual import (
     select_relevance,
     z_add,
 )
+from transformer_lrp.ops.rotary import rotary_apply, rotary_cos_sin, rotary_grad, rotary_relevance
 
 __all__ = [
     "AddLayerNormLRPFunction",
@@ -57,6 +61,14 @@ __all__ = [
     "lrp_attention",
     "lrp_linear",
     "clone_relevance",
+    "gate_grad",
+    "gate_relevance",
+    "linear_rows_relevance",
+    "rms_norm",
+    "rotary_apply",
+    "rotary_cos_sin",
+    "rotary_grad",
+    "rotary_relevance",
     "linear_alpha1beta0",
     "linear_alpha1beta0_ref",
     "linear_alpha1beta0_separate",

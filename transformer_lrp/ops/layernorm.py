@@ -1,5 +1,8 @@
-"""LayerNorm in the sweep that carries gradient and relevance: its gradient backward, fused with the relevance
-rules next to it (docs/method.md §2.7 identity, §2.9 clone, §2.8 normalized add).
+"""LayerNorm (and RMSNorm) in the sweep that carries gradient and relevance: its gradient backward, fused with the
+relevance rules next to it (docs/method.md §2.7 identity, §2.9 clone, §2.8 normalized add).
+
+RMSNorm (the decoder LLMs': ``y = x · rsqrt(mean(x²) + eps) ⊙ (w + offset)``, Gemma's offset 1) is the same op with
+``rms=True``: its gradient differs, its relevance rule (an identity) does not.
 
 Pre-LN blocks (ViT): ``z = x + branch`` feeds ``LN`` and the residual, so ``dz = LN'(dY) + d_res`` and
 ``R_z = clone(z; R_LN, R_res)``, then split over ``x`` and ``branch``. Post-LN blocks (BERT): ``y = LN(branch + x)``,
@@ -16,6 +19,23 @@ from transformer_lrp.ops.common import profiled
 from transformer_lrp.ops.residual import clone_relevance, normalized_add_ref
 
 KERNELS = {"layernorm_relevance": ("triton", "cuda")}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_offset: float = 0.0,
+             scale_in_float32: bool = False) -> torch.Tensor:
+    """RMSNorm as the decoder families compute it: statistics in float32 for half inputs (in the input's own dtype
+    otherwise: a float64 model stays float64, where the stock models round to float32), then the weight: multiplied
+    after the cast back (Llama, Mistral, Qwen, Phi-3) or, with ``scale_in_float32``, before it (Gemma's
+    ``(1 + w)``)."""
+    acc = torch.float32 if x.dtype in _HALF else x.dtype
+    h = x.to(acc)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is None:
+        return h.to(x.dtype)
+    if scale_in_float32:
+        return (h * (weight.to(acc) + weight_offset)).to(x.dtype)
+    return (weight + weight_offset) * h.to(x.dtype) if weight_offset else weight * h.to(x.dtype)
 
 
 def layernorm_relevance_ref(
@@ -28,12 +48,17 @@ def layernorm_relevance_ref(
     rel_norm_out: torch.Tensor | None,
     grad_residual: torch.Tensor | None = None,
     rel_residual: torch.Tensor | None = None,
+    rms: bool = False,
+    weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Reference of ``layernorm_relevance``: the LayerNorm gradient by autograd, the relevance by the rules."""
+    """Reference of ``layernorm_relevance``: the norm's gradient by autograd, the relevance by the rules."""
     z = u if v is None else u + v
     with torch.enable_grad():
         leaf = z.detach().requires_grad_(True)
-        out = F.layer_norm(leaf, (z.shape[-1],), weight, bias, ln_eps)
+        if rms:
+            out = rms_norm(leaf, weight, ln_eps, weight_offset, scale_in_float32=True)
+        else:
+            out = F.layer_norm(leaf, (z.shape[-1],), weight, bias, ln_eps)
         grad = torch.autograd.grad(out, leaf, grad_norm_out)[0]
     if grad_residual is not None:
         grad = grad + grad_residual
@@ -58,8 +83,10 @@ def layernorm_relevance(
     grad_residual: torch.Tensor | None = None,
     rel_residual: torch.Tensor | None = None,
     backend: str | None = "torch",
+    rms: bool = False,
+    weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    r"""Gradient and relevance at ``z = u + v`` (or ``z = u``), the input of a LayerNorm.
+    r"""Gradient and relevance at ``z = u + v`` (or ``z = u``), the input of a LayerNorm (or an RMSNorm).
 
     Args:
         u, v: the summands, `[B, ..., D]` (``v=None``: ``z = u``, no split).
@@ -70,6 +97,7 @@ def layernorm_relevance(
         backend: ``"torch"`` (reference), ``"triton"`` (``triton_kernels/layernorm_lrp.py``, two passes), ``"cuda"``
             (the same passes in CUDA C++, ``csrc/layernorm_relevance.cu``; the split case: ``v`` and
             ``rel_norm_out`` given) or ``None``.
+        rms, weight_offset: an RMSNorm (no centering, no bias) with the weight ``w + weight_offset``.
 
     Returns:
         ``(dL/dz, R_u, R_v)``; without ``v``: ``(dL/dz, R_z, None)``; without relevance: ``(dL/dz, None, None)``.
@@ -81,15 +109,17 @@ def layernorm_relevance(
         from transformer_lrp.triton_kernels.layernorm_lrp import layernorm_relevance_bwd
 
         return layernorm_relevance_bwd(u, v, weight, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
-                                       rel_residual)
+                                       rel_residual, rms=rms, weight_offset=weight_offset)
     if chosen == "cuda":  # csrc/layernorm_relevance.cu, loaded by op_backend
+        if rms:
+            raise NotImplementedError("layernorm_relevance: backend 'cuda' has no RMSNorm mode yet")
         if v is None or rel_norm_out is None:
             raise NotImplementedError("layernorm_relevance: backend 'cuda' covers the split case only (v and "
                                       "rel_norm_out given)")
         return tuple(torch.ops.tlrp.layernorm_relevance(u, v, weight, float(ln_eps), grad_norm_out, rel_norm_out,
                                                         grad_residual, rel_residual))
     return layernorm_relevance_ref(u, v, weight, bias, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
-                                   rel_residual)
+                                   rel_residual, rms, weight_offset)
 
 
 class AddLayerNormLRPFunction(torch.autograd.Function):

@@ -138,6 +138,40 @@ def linear_alpha1beta0_separate(x: torch.Tensor, weight: torch.Tensor, relevance
     return x_pos * (s1 @ w_pos) + x_neg * (s2 @ w_neg)
 
 
+@profiled
+def linear_rows_relevance(x: torch.Tensor, weight_rows: torch.Tensor, relevance: torch.Tensor,
+                          rule: str = "alpha1beta0") -> torch.Tensor:
+    r"""A Linear's relevance rule when only a few of its outputs carry relevance, each sample its own: the LM head
+    at the explained token (one vocabulary row, two for a contrast). The rules are per output row, so the rows
+    without relevance contribute nothing and are never formed (no ``[R, vocab]`` relevance, no ``|W|`` of the
+    embedding matrix).
+
+    Args:
+        x: `[R, D]`, the head's input at each explained position.
+        weight_rows: `[R, k, D]`, the weight rows of the outputs that carry relevance.
+        relevance: `[R, k]`, their relevance.
+        rule: ``"alpha1beta0"`` (the method: ``Σ_i (x_j W_ij)⁺ / Σ_j (x_j W_ij)⁺ · R_i``, joint positive
+            normalizer, as ``linear_alpha1beta0_ref``), ``"separate"`` (the baselines: ``x⁺W⁺`` and ``x⁻W⁻`` each
+            normalized on its own, as ``linear_alpha1beta0_separate``) or ``"epsilon"`` (``x_j W_ij / (z_i + ε)``).
+
+    Returns:
+        `[R, D]`, the relevance of ``x``.
+    """
+    contrib = x[:, None, :] * weight_rows  # z_ij = x_j W_ij, [R, k, D]
+    if rule == "alpha1beta0":
+        pos = contrib.clamp(min=0)  # (x_j W_ij)⁺ = x⁺W⁺ + x⁻W⁻
+        return (pos * safe_divide(relevance, pos.sum(-1))[..., None]).sum(1)
+    if rule == "separate":
+        w_pos, w_neg = weight_rows.clamp(min=0), weight_rows.clamp(max=0)
+        p1 = x.clamp(min=0)[:, None, :] * w_pos
+        p2 = x.clamp(max=0)[:, None, :] * w_neg
+        return (p1 * safe_divide(relevance, p1.sum(-1))[..., None]
+                + p2 * safe_divide(relevance, p2.sum(-1))[..., None]).sum(1)
+    if rule == "epsilon":
+        return (contrib * safe_divide(relevance, contrib.sum(-1))[..., None]).sum(1)
+    raise ValueError(f"unknown rule {rule!r}")
+
+
 class LinearLRPFunction(torch.autograd.Function):
     """``x Wᵀ + b`` whose backward returns the α1β0 relevance of ``x`` for an incoming relevance of the output
     (LRP as a modified gradient; the weight and bias take none)."""
