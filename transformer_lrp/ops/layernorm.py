@@ -58,6 +58,8 @@ def layernorm_relevance(
     grad_residual: torch.Tensor | None = None,
     rel_residual: torch.Tensor | None = None,
     backend: str | None = "torch",
+    rms: bool = False,
+    weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     r"""Gradient and relevance at ``z = u + v`` (or ``z = u``), the input of a LayerNorm.
 
@@ -87,7 +89,7 @@ def layernorm_relevance(
             raise NotImplementedError("layernorm_relevance: backend 'cuda' covers the split case only (v and "
                                       "rel_norm_out given)")
         return tuple(torch.ops.tlrp.layernorm_relevance(u, v, weight, float(ln_eps), grad_norm_out, rel_norm_out,
-                                                        grad_residual, rel_residual))
+                                                        grad_residual, rel_residual, rms, float(weight_offset)))
     return layernorm_relevance_ref(u, v, weight, bias, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
                                    rel_residual)
 
