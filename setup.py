@@ -32,7 +32,7 @@ def _cuda_build():
     ext = CUDAExtension(
         "transformer_lrp._C",
         ["csrc/ops.cpp", "csrc/normalized_add.cu", "csrc/layernorm_relevance.cu", "csrc/attention_relevance.cu"],
-        depends=["csrc/common.cuh", "csrc/attention_math.cuh"],
+        depends=["csrc/common.cuh", "csrc/attention_math.cuh", "csrc/norm_math.cuh"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", f"--threads={os.environ.get('NVCC_THREADS', '2')}"]},
     )
     return [ext], {"build_ext": BuildExtension}

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define TLRP_HD __host__ __device__ __forceinline__
@@ -21,6 +22,12 @@ namespace attn {
 
 constexpr double kEps = 1e-9;         // the reference's denominator offset (docs/method.md §2.2)
 constexpr double kNegBig = -1.0e30;   // finite "minus infinity": a fully masked row never makes inf − inf
+// lse of a query row that attends no key (a left-padded position under the causal mask), a finite "plus infinity"
+// so that the backward's exp(sc − lse) is 0 without overflow; ops.attention.EMPTY_ROW_LSE, the Triton kernels' too
+constexpr double kEmptyRowLse = 1.0e30;
+// Rows per block (one warp each). The kernels skip what a whole block cannot attend, so the host test runs its row
+// programs in blocks of the same size.
+constexpr int kRowsPerBlock = 4;
 
 // map modes, as triton_kernels/attention_lrp.py's MAP_* and ops.attention.MAP_MODES
 enum MapMode : int { kMapNone = 0, kMapTransformerAttribution = 1, kMapGae = 2, kMapRollout = 3, kMapPartialLrp = 4 };
@@ -69,8 +76,47 @@ struct OnlineSoftmax {
   }
   // 1 / row sum, for O = acc / row sum; a query with no real key attends to nothing (O = 0), not 0/0
   TLRP_HD acc_t inv_sum() const { return row_sum == acc_t(0) ? acc_t(1) : acc_t(1) / row_sum; }
-  TLRP_HD acc_t lse() const { return row_max + log_of(row_sum == acc_t(0) ? acc_t(1) : row_sum); }
+  TLRP_HD acc_t lse() const { return row_sum == acc_t(0) ? acc_t(kEmptyRowLse) : row_max + log_of(row_sum); }
 };
+
+// ------------------------------------------------------------------------------------- masks and skipped ranges
+// A pair (query i, key j) attends when j is a real key (the padding mask) and, with the causal mask, j ≤ i and
+// (sliding window, window > 0) i − j < window. The ranges below bound the pairs a block visits; every pair inside
+// is still checked, so they only have to contain the attended pairs (the host test also bounds what they add).
+
+// The causal mask and the sliding window (no constraint without the causal mask)
+TLRP_HD bool in_band(bool causal, int64_t window, int64_t i, int64_t j) {
+  return !causal || (j <= i && (window <= 0 || i - j < window));
+}
+
+struct Span {  // [lo, hi), empty when lo >= hi
+  int64_t lo, hi;
+};
+
+// The keys that query rows [i0, i1) can attend, with [first, end) the sample's real keys ([0, NK) without a mask):
+// none of the padding on either side, under the causal mask none after i1 − 1 (and so none at all for left-padded
+// rows before the first real key) and none window or more behind i0.
+TLRP_HD Span key_span(int64_t i0, int64_t i1, int64_t first, int64_t end, bool causal, int64_t window) {
+  Span s{first, end};
+  if (causal) {
+    if (i1 < s.hi) s.hi = i1;
+    if (window > 0 && i0 - window + 1 > s.lo) s.lo = i0 - window + 1;
+  }
+  return s;
+}
+
+// The query rows (of nq) that can attend some key of [j0, j1): none when those keys are all padding; under the
+// causal mask none before j0 or before the sample's first real key, and with a window none from j1 − 1 + window on.
+TLRP_HD Span query_span(int64_t j0, int64_t j1, int64_t nq, int64_t first, int64_t end, bool causal,
+                        int64_t window) {
+  Span s{0, nq};
+  if (j1 <= first || j0 >= end) s.hi = 0;
+  if (causal) {
+    s.lo = j0 > first ? j0 : first;
+    if (window > 0 && j1 - 1 + window < s.hi) s.hi = j1 - 1 + window;
+  }
+  return s;
+}
 
 // What one (query, key) pair contributes to the backward; zeros for what is not needed.
 template <typename acc_t>

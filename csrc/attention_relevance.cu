@@ -4,12 +4,21 @@
 // P = exp(sc − lse) for the pairs it visits.
 //
 // Thread layout: one warp per row (a query row in the forward and the query-side backward, a key row in the
-// key-side backward); each lane holds DPL = ceil(d/32) of the row's d entries, so a dot product is DPL FMAs and a
-// five-step warp shuffle, and the accumulators of a row (at most four vectors, 4·DPL registers) stay in registers.
-// The rows that every warp of a block reads (the other side's K/V or Q/dO/hS tiles) are staged in shared memory in
-// the accumulation dtype. The products are FMAs in float32 (float64 for float64), not tensor cores: this op is the
-// independent second implementation and the torch.library entry point; the Triton kernels are the fast path.
-// The per-pair math lives in attention_math.cuh, which the host test runs on the CPU.
+// key-side backward); each lane holds DPL = ceil(d/32) of the row's d entries (2, 4 or 8: head dims up to 256), so a
+// dot product is DPL FMAs and a five-step warp shuffle, and the accumulators of a row (at most four vectors, 4·DPL
+// registers) stay in registers. The rows that every warp of a block reads (the other side's K/V or Q/dO/hS tiles)
+// are staged in shared memory in the accumulation dtype. The products are FMAs in float32 (float64 for float64),
+// not tensor cores: this op is the independent second implementation and the torch.library entry point; the Triton
+// kernels are the fast path. The per-pair math and the ranges of rows a block visits live in attention_math.cuh,
+// which the host test runs on the CPU.
+//
+// Decoder attention: K and V may have H_kv heads shared by groups of H / H_kv query heads (GQA/MQA; query head h
+// reads key head h / group, nothing is repeated in memory); the key-side warp of a key row loops over its group's
+// query heads, so dK, dV, R_K, R_V come out summed per key head, shaped like K. The causal mask may carry a sliding
+// window. What a block cannot attend as a whole is never visited: padding before a sample's first real key and after
+// its last, keys after the block's last query (causal), keys behind the window, and in the key-side backward the
+// query rows before the first that can see a key of the block. A query row that attends no key (left padding under
+// the causal mask) gets O = 0 and lse = 1e30. The GradCAM map visits every pair: its masked zeros count in the min.
 //
 // Includes only c10's CUDA headers (no cuBLAS), so it compiles on a machine with nvcc and no GPU.
 
@@ -29,20 +38,21 @@
 namespace tlrp {
 namespace {
 
+using attn::kRowsPerBlock;
 using attn::PairFlags;
 using attn::PairTerms;
+using attn::Span;
 
 constexpr int kWarpSize = 32;
-constexpr int kRowsPerBlock = 4;  // warps per block, one row each
 constexpr int kBlockThreads = kRowsPerBlock * kWarpSize;
 // Every kernel is launched with __launch_bounds__(kBlockThreads, 1): without the minimum of one block per SM, ptxas
 // traded registers for occupancy and spilled 12 bytes in the half-precision query-side backward on sm_90.
 
-// Rows staged per shared-memory tile: 16 (float accumulation) or 8 (double) rows of up to 128 entries per staged
-// tensor keeps the largest kernel (three staged tensors) at 24 KB of static shared memory.
-template <typename acc_t>
+// Rows staged per shared-memory tile: 16 (float accumulation) or 8 (double) rows of up to 128 entries, half as many
+// of 256, per staged tensor keeps the largest kernel (three staged tensors) at 24 KB of static shared memory.
+template <typename acc_t, int DPL>
 constexpr int tile_rows() {
-  return sizeof(acc_t) == 8 ? 8 : 16;
+  return (sizeof(acc_t) == 8 ? 8 : 16) / (DPL > 4 ? DPL / 4 : 1);
 }
 
 template <typename acc_t>
@@ -83,44 +93,64 @@ __device__ __forceinline__ void load_row(acc_t (&dst)[DPL], const T* src, int d,
   }
 }
 
-// Stages rows [start, start + tile) of up to three [B, H, N, d] tensors into shared memory (zeros past n and d).
+// Stages rows [start, start + tile) of head h of up to three [B, H, N, d] tensors into shared memory (zeros from
+// row `end` and past d).
 template <typename acc_t, int DPL, typename T, typename U>
 __device__ __forceinline__ void stage(acc_t* s0, acc_t* s1, acc_t* s2, const Rows<T>& t0, const Rows<T>& t1,
                                       const Rows<U>& t2, bool has1, bool has2, int64_t b, int64_t h, int64_t start,
-                                      int64_t n, int d) {
-  constexpr int width = DPL * kWarpSize, tile = tile_rows<acc_t>();
+                                      int64_t end, int d) {
+  constexpr int width = DPL * kWarpSize, tile = tile_rows<acc_t, DPL>();
   for (int idx = threadIdx.x; idx < tile * width; idx += blockDim.x) {
     const int r = idx / width, c = idx % width;
     const int64_t row = start + r;
-    const bool in = row < n && c < d;
+    const bool in = row < end && c < d;
     s0[idx] = in ? static_cast<acc_t>(t0.row(b, h, row)[c]) : acc_t(0);
     if (has1) s1[idx] = in ? static_cast<acc_t>(t1.row(b, h, row)[c]) : acc_t(0);
     if (has2) s2[idx] = in ? static_cast<acc_t>(t2.row(b, h, row)[c]) : acc_t(0);
   }
 }
 
-__device__ __forceinline__ bool real_key(const bool* keep, int64_t b, int64_t j, int64_t nk) {
-  return j < nk && (keep == nullptr || keep[b * nk + j]);
-}
+// Which pairs attend: the padding mask, each sample's range of real keys (what the kernels skip around) and the
+// causal mask with its sliding window.
+struct Masking {
+  const bool* keep;      // [B, NK] or null
+  const int64_t* range;  // [B, 2]: the first real key and one past the last; null without a padding mask
+  int64_t nk;
+  bool causal;
+  int64_t window;        // 0: none
 
-// Query i attends to key j: a real key, and with a causal mask (the CLIP text tower) not after the query.
-__device__ __forceinline__ bool attends(const bool* keep, bool causal, int64_t b, int64_t i, int64_t j, int64_t nk) {
-  return real_key(keep, b, j, nk) && (!causal || j <= i);
-}
+  __device__ __forceinline__ int64_t first(int64_t b) const { return range ? range[2 * b] : 0; }
+  __device__ __forceinline__ int64_t end(int64_t b) const { return range ? range[2 * b + 1] : nk; }
+  __device__ __forceinline__ bool real_key(int64_t b, int64_t j) const {
+    return j < nk && (keep == nullptr || keep[b * nk + j]);
+  }
+  __device__ __forceinline__ bool attends(int64_t b, int64_t i, int64_t j) const {
+    return real_key(b, j) && attn::in_band(causal, window, i, j);
+  }
+  // the keys that the block of query rows starting at i0 visits
+  __device__ __forceinline__ Span keys_of_block(int64_t b, int64_t i0, int64_t nq) const {
+    return attn::key_span(i0, i0 + kRowsPerBlock < nq ? i0 + kRowsPerBlock : nq, first(b), end(b), causal, window);
+  }
+  // the query rows that the block of key rows starting at j0 visits
+  __device__ __forceinline__ Span queries_of_block(int64_t b, int64_t j0, int64_t nq) const {
+    return attn::query_span(j0, j0 + kRowsPerBlock < nk ? j0 + kRowsPerBlock : nk, nq, first(b), end(b), causal,
+                            window);
+  }
+};
 
 // ------------------------------------------------------------------------------------------------- forward
 
 template <typename scalar_t, int DPL>
 __global__ void __launch_bounds__(kBlockThreads, 1)
-attention_forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, const bool* __restrict__ keep,
+attention_forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, Masking mask,
                          scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ lse, int64_t heads,
-                         int64_t nq, int64_t nk, int d, at::opmath_type<scalar_t> scale, bool causal) {
+                         int64_t group, int64_t nq, int d, at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int width = DPL * kWarpSize, tile = tile_rows<acc_t>();
+  constexpr int width = DPL * kWarpSize, tile = tile_rows<acc_t, DPL>();
   __shared__ acc_t k_s[tile * width], v_s[tile * width];
-  const int64_t bh = blockIdx.x, b = bh / heads, h = bh % heads;
+  const int64_t bh = blockIdx.x, b = bh / heads, h = bh % heads, hk = h / group;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t i = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock + threadIdx.x / kWarpSize;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock, i = i0 + threadIdx.x / kWarpSize;
   const bool row_in = i < nq;
   acc_t q_r[DPL], acc[DPL];
   load_row(q_r, q.row(b, h, row_in ? i : 0), d, lane, row_in);
@@ -130,15 +160,16 @@ attention_forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, c
     acc[u] = 0;
   }
   attn::OnlineSoftmax<acc_t> softmax;
-  for (int64_t start = 0; start < nk; start += tile) {
+  const Span keys = mask.keys_of_block(b, i0, nq);
+  for (int64_t start = keys.lo; start < keys.hi; start += tile) {
     __syncthreads();
-    stage<acc_t, DPL>(k_s, v_s, v_s, k, v, v, true, false, b, h, start, nk, d);
+    stage<acc_t, DPL>(k_s, v_s, v_s, k, v, v, true, false, b, hk, start, keys.hi, d);
     __syncthreads();
-    const int count = static_cast<int>(nk - start < tile ? nk - start : tile);
+    const int count = static_cast<int>(keys.hi - start < tile ? keys.hi - start : tile);
     for (int r = 0; r < count; ++r) {
       const acc_t sc = row_dot<acc_t, DPL>(q_r, k_s + r * width, lane);
       acc_t alpha, p;
-      softmax.add(sc, attends(keep, causal, b, i, start + r, nk), &alpha, &p);
+      softmax.add(sc, mask.attends(b, i, start + r), &alpha, &p);
 #pragma unroll
       for (int u = 0; u < DPL; ++u) acc[u] = acc[u] * alpha + p * v_s[r * width + lane + u * kWarpSize];
     }
@@ -160,13 +191,12 @@ attention_forward_kernel(Rows<scalar_t> q, Rows<scalar_t> k, Rows<scalar_t> v, c
 template <typename scalar_t>
 struct BackwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
-  Rows<scalar_t> q, k, v, grad_out;  // grad_out.ptr null when not given
+  Rows<scalar_t> q, k, v, grad_out;  // K, V with H / group heads; grad_out.ptr null when not given
   Rows<acc_t> half_s;                // hS = safe_divide(R_O, O)/2, [B, H, NQ, d]; null when not needed
   const acc_t* lse;                  // [B, H, NQ]
   const acc_t* delta;                // [B, H, NQ] Δ = rowsum(dO ⊙ O); null without gradient
-  const bool* keep;                  // [B, NK] or null
-  bool causal;                       // a causal mask (NQ == NK)
-  int64_t heads, nq, nk;
+  Masking mask;
+  int64_t heads, group, nq, nk;      // heads: query heads H; group: query heads per key head
   int d;
   acc_t scale;
   PairFlags flags;
@@ -179,11 +209,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 attention_backward_query_kernel(BackwardArgs<scalar_t> a, scalar_t* __restrict__ dq, scalar_t* __restrict__ rq,
                                 at::opmath_type<scalar_t>* __restrict__ rowsum) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int width = DPL * kWarpSize, tile = tile_rows<acc_t>();
+  constexpr int width = DPL * kWarpSize, tile = tile_rows<acc_t, DPL>();
   __shared__ acc_t k_s[tile * width], v_s[tile * width];
-  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads, hk = h / a.group;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t i = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock + threadIdx.x / kWarpSize;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock, i = i0 + threadIdx.x / kWarpSize;
   const bool row_in = i < a.nq;
   const int64_t ir = row_in ? i : 0;
   acc_t q_r[DPL], qs_r[DPL], do_r[DPL], hs_r[DPL], acc_dq[DPL], acc_rq[DPL];
@@ -198,17 +228,18 @@ attention_backward_query_kernel(BackwardArgs<scalar_t> a, scalar_t* __restrict__
   const acc_t lse = row_in ? a.lse[bh * a.nq + i] : acc_t(0);
   const acc_t delta = (row_in && a.delta) ? a.delta[bh * a.nq + i] : acc_t(0);
   acc_t row_e = 0;
-  for (int64_t start = 0; start < a.nk; start += tile) {
+  const Span keys = a.mask.keys_of_block(b, i0, a.nq);
+  for (int64_t start = keys.lo; start < keys.hi; start += tile) {
     __syncthreads();
-    stage<acc_t, DPL>(k_s, v_s, v_s, a.k, a.v, a.v, a.need_dp || a.need_ra, false, b, h, start, a.nk, a.d);
+    stage<acc_t, DPL>(k_s, v_s, v_s, a.k, a.v, a.v, a.need_dp || a.need_ra, false, b, hk, start, keys.hi, a.d);
     __syncthreads();
-    const int count = static_cast<int>(a.nk - start < tile ? a.nk - start : tile);
+    const int count = static_cast<int>(keys.hi - start < tile ? keys.hi - start : tile);
     for (int r = 0; r < count; ++r) {
       const acc_t* k_row = k_s + r * width;
       const acc_t sc = row_dot<acc_t, DPL>(qs_r, k_row, lane);
       const acc_t dp = a.need_dp ? row_dot<acc_t, DPL>(do_r, v_s + r * width, lane) : acc_t(0);
       const acc_t hv = a.need_ra ? row_dot<acc_t, DPL>(hs_r, v_s + r * width, lane) : acc_t(0);
-      const bool valid = row_in && attends(a.keep, a.causal, b, i, start + r, a.nk);
+      const bool valid = row_in && a.mask.attends(b, i, start + r);
       const PairTerms<acc_t> t = attn::pair_terms(sc, dp, hv, lse, delta, valid, a.scale, a.flags);
 #pragma unroll
       for (int u = 0; u < DPL; ++u) {
@@ -231,8 +262,8 @@ attention_backward_query_kernel(BackwardArgs<scalar_t> a, scalar_t* __restrict__
   if (rowsum && lane == 0) rowsum[bh * a.nq + i] = row_e;
 }
 
-// Key side, one warp per key row: dK, dV, R_K, R_V, the rollout product Σ_i w_i E_ij, the mask add's per-key sums
-// and (on request) the head-mean map, accumulated atomically.
+// Key side, one warp per key row of a key head, over the query heads of its group: dK, dV, R_K, R_V, the rollout
+// product Σ_h Σ_i w_i E_hij, the mask add's per-key sums and (on request) the head-mean map, accumulated atomically.
 template <typename scalar_t, int DPL>
 __global__ void __launch_bounds__(kBlockThreads, 1)
 attention_backward_key_kernel(BackwardArgs<scalar_t> a, const at::opmath_type<scalar_t>* __restrict__ weights,
@@ -241,61 +272,67 @@ attention_backward_key_kernel(BackwardArgs<scalar_t> a, const at::opmath_type<sc
                               at::opmath_type<scalar_t>* __restrict__ sums, at::opmath_type<scalar_t>* __restrict__ map,
                               bool need_grad, bool need_rel) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int width = DPL * kWarpSize, tile = tile_rows<acc_t>();
+  constexpr int width = DPL * kWarpSize, tile = tile_rows<acc_t, DPL>();
   __shared__ acc_t q_s[tile * width], do_s[tile * width], hs_s[tile * width];
-  const int64_t bh = blockIdx.x, b = bh / a.heads, h = bh % a.heads;
+  const int64_t heads_kv = a.heads / a.group;
+  const int64_t bhk = blockIdx.x, b = bhk / heads_kv, hk = bhk % heads_kv;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t j = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock + threadIdx.x / kWarpSize;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock, j = j0 + threadIdx.x / kWarpSize;
   const bool key_in = j < a.nk;
-  const bool key_real = real_key(a.keep, b, j, a.nk);
+  const bool key_real = a.mask.real_key(b, j);
   const int64_t jr = key_in ? j : 0;
   acc_t k_r[DPL], v_r[DPL], acc_dk[DPL], acc_dv[DPL], acc_rk[DPL], acc_rv[DPL];
-  load_row(k_r, a.k.row(b, h, jr), a.d, lane, key_in);
-  load_row(v_r, a.v.row(b, h, jr), a.d, lane, key_in);
+  load_row(k_r, a.k.row(b, hk, jr), a.d, lane, key_in);
+  load_row(v_r, a.v.row(b, hk, jr), a.d, lane, key_in);
 #pragma unroll
   for (int u = 0; u < DPL; ++u) acc_dk[u] = acc_dv[u] = acc_rk[u] = acc_rv[u] = 0;
   acc_t acc_roll = 0, sum_r_sc = 0, sum_ra = 0;
   const acc_t inv_heads = acc_t(1) / static_cast<acc_t>(a.heads);
   const Rows<scalar_t> grad_rows = a.grad_out.ptr ? a.grad_out : a.q;
   const Rows<acc_t> hs_rows = a.half_s.ptr ? a.half_s : Rows<acc_t>{nullptr, 0, 0, 0};
-  for (int64_t start = 0; start < a.nq; start += tile) {
-    __syncthreads();
-    stage<acc_t, DPL>(q_s, do_s, hs_s, a.q, grad_rows, hs_rows, a.need_dp, a.need_ra, b, h, start, a.nq, a.d);
-    __syncthreads();
-    const int count = static_cast<int>(a.nq - start < tile ? a.nq - start : tile);
-    for (int r = 0; r < count; ++r) {
-      const int64_t i = start + r;
-      const acc_t* q_row = q_s + r * width;
-      acc_t sc = 0;
+  const Span queries = a.mask.queries_of_block(b, j0, a.nq);
+  for (int64_t g = 0; g < a.group; ++g) {
+    const int64_t h = hk * a.group + g, bh = b * a.heads + h;
+    for (int64_t start = queries.lo; start < queries.hi; start += tile) {
+      __syncthreads();
+      stage<acc_t, DPL>(q_s, do_s, hs_s, a.q, grad_rows, hs_rows, a.need_dp, a.need_ra, b, h, start, queries.hi,
+                        a.d);
+      __syncthreads();
+      const int count = static_cast<int>(queries.hi - start < tile ? queries.hi - start : tile);
+      for (int r = 0; r < count; ++r) {
+        const int64_t i = start + r;
+        const acc_t* q_row = q_s + r * width;
+        acc_t sc = 0;
 #pragma unroll
-      for (int u = 0; u < DPL; ++u) sc += (q_row[lane + u * kWarpSize] * a.scale) * k_r[u];
-      sc = warp_sum(sc);
-      const acc_t dp = a.need_dp ? row_dot<acc_t, DPL>(v_r, do_s + r * width, lane) : acc_t(0);
-      const acc_t hv = a.need_ra ? row_dot<acc_t, DPL>(v_r, hs_s + r * width, lane) : acc_t(0);
-      const acc_t lse = a.lse[bh * a.nq + i];
-      const acc_t delta = a.delta ? a.delta[bh * a.nq + i] : acc_t(0);
-      const bool valid = key_real && (!a.causal || j <= i);
-      const PairTerms<acc_t> t = attn::pair_terms(sc, dp, hv, lse, delta, valid, a.scale, a.flags);
+        for (int u = 0; u < DPL; ++u) sc += (q_row[lane + u * kWarpSize] * a.scale) * k_r[u];
+        sc = warp_sum(sc);
+        const acc_t dp = a.need_dp ? row_dot<acc_t, DPL>(v_r, do_s + r * width, lane) : acc_t(0);
+        const acc_t hv = a.need_ra ? row_dot<acc_t, DPL>(v_r, hs_s + r * width, lane) : acc_t(0);
+        const acc_t lse = a.lse[bh * a.nq + i];
+        const acc_t delta = a.delta ? a.delta[bh * a.nq + i] : acc_t(0);
+        const bool valid = key_real && attn::in_band(a.mask.causal, a.mask.window, i, j);
+        const PairTerms<acc_t> t = attn::pair_terms(sc, dp, hv, lse, delta, valid, a.scale, a.flags);
 #pragma unroll
-      for (int u = 0; u < DPL; ++u) {
-        const int c = lane + u * kWarpSize;
-        if (need_grad) {
-          acc_dv[u] += t.p * do_s[r * width + c];
-          acc_dk[u] += t.ds * q_row[c];
+        for (int u = 0; u < DPL; ++u) {
+          const int c = lane + u * kWarpSize;
+          if (need_grad) {
+            acc_dv[u] += t.p * do_s[r * width + c];
+            acc_dk[u] += t.ds * q_row[c];
+          }
+          if (need_rel) {
+            acc_rv[u] += t.p * hs_s[r * width + c];
+            acc_rk[u] += t.t * q_row[c];
+          }
         }
-        if (need_rel) {
-          acc_rv[u] += t.p * hs_s[r * width + c];
-          acc_rk[u] += t.t * q_row[c];
-        }
+        sum_r_sc += t.r_sc;
+        sum_ra += t.ra;
+        if (weights) acc_roll += weights[b * a.nq + i] * t.e;
+        if (map && lane == 0 && valid) atomicAdd(map + (b * a.nq + i) * a.nk + j, t.e * inv_heads);
       }
-      sum_r_sc += t.r_sc;
-      sum_ra += t.ra;
-      if (weights) acc_roll += weights[b * a.nq + i] * t.e;
-      if (map && lane == 0 && valid) atomicAdd(map + (b * a.nq + i) * a.nk + j, t.e * inv_heads);
     }
   }
   if (!key_in) return;
-  const int64_t off = (bh * a.nk + j) * a.d;
+  const int64_t off = (bhk * a.nk + j) * a.d;
 #pragma unroll
   for (int u = 0; u < DPL; ++u) {
     const int c = lane + u * kWarpSize;
@@ -310,46 +347,48 @@ attention_backward_key_kernel(BackwardArgs<scalar_t> a, const at::opmath_type<sc
     }
   }
   if (lane != 0) return;
-  if (roll) roll[bh * a.nk + j] = acc_roll;
+  if (roll) roll[bhk * a.nk + j] = acc_roll;
   if (sums) {
-    sums[(bh * a.nk + j) * 2] = sum_r_sc;
-    sums[(bh * a.nk + j) * 2 + 1] = sum_ra;
+    sums[(bhk * a.nk + j) * 2] = sum_r_sc;
+    sums[(bhk * a.nk + j) * 2 + 1] = sum_ra;
   }
 }
 
 // Attention GradCAM's head-weighted map E = (Σ_h w_h A_h)⁺ (w already divided by H), one warp per key: the map's
 // row `row` and, per key, its min and max over the real queries (±inf at padded keys). Q and K are read straight
-// from global memory (cached): one block of one sample, heads summed in a register.
+// from global memory (cached): one block of one sample, heads summed in a register. Every query row is visited (no
+// skipped ranges): the zeros of the causal mask and the window are part of the map and count in its min.
 template <typename scalar_t, int DPL>
 __global__ void __launch_bounds__(kBlockThreads, 1)
 attention_weighted_map_kernel(Rows<scalar_t> q, Rows<scalar_t> k, const at::opmath_type<scalar_t>* __restrict__ lse,
-                              const bool* __restrict__ keep, const at::opmath_type<scalar_t>* __restrict__ weights,
+                              Masking mask, const at::opmath_type<scalar_t>* __restrict__ weights,
                               at::opmath_type<scalar_t>* __restrict__ row_out, at::opmath_type<scalar_t>* __restrict__ part,
-                              int64_t heads, int64_t nq, int64_t nk, int d, at::opmath_type<scalar_t> scale,
-                              const int64_t* __restrict__ rows, bool causal) {
+                              int64_t heads, int64_t group, int64_t nq, int d, at::opmath_type<scalar_t> scale,
+                              const int64_t* __restrict__ rows) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t b = blockIdx.x;
+  const int64_t b = blockIdx.x, nk = mask.nk;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t j = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (j >= nk) return;  // no shared memory, no barrier: a warp past the end leaves
-  const bool key_real = real_key(keep, b, j, nk);
+  const bool key_real = mask.real_key(b, j);
   const int64_t row = rows[b];
   acc_t lo = INFINITY, hi = -INFINITY, at_row = 0;
   for (int64_t i = 0; i < nq; ++i) {
     acc_t e = 0;
+    const bool valid = mask.attends(b, i, j);
     for (int64_t h = 0; h < heads; ++h) {
       acc_t qs_r[DPL], k_r[DPL];
       load_row(qs_r, q.row(b, h, i), d, lane, true);
-      load_row(k_r, k.row(b, h, j), d, lane, true);
+      load_row(k_r, k.row(b, h / group, j), d, lane, true);
       acc_t sc = 0;
 #pragma unroll
       for (int u = 0; u < DPL; ++u) sc += (qs_r[u] * scale) * k_r[u];
       sc = warp_sum(sc);
-      const acc_t p = (key_real && (!causal || j <= i)) ? attn::exp_of(sc - lse[(b * heads + h) * nq + i]) : acc_t(0);
+      const acc_t p = valid ? attn::exp_of(sc - lse[(b * heads + h) * nq + i]) : acc_t(0);
       e += weights[b * heads + h] * p;
     }
     e = e > acc_t(0) ? e : acc_t(0);
-    const bool real = key_real && (keep == nullptr || keep[b * nk + i]);
+    const bool real = key_real && (mask.keep == nullptr || mask.keep[b * nk + i]);
     if (real) {
       lo = e < lo ? e : lo;
       hi = e > hi ? e : hi;
@@ -365,6 +404,7 @@ attention_weighted_map_kernel(Rows<scalar_t> q, Rows<scalar_t> k, const at::opma
 // -------------------------------------------------------------------------------------------------- host
 
 constexpr const char* kOp = "tlrp::attention (cuda)";
+constexpr int64_t kMaxHeadDim = 8 * kWarpSize;  // 8 entries per lane (transformer_lrp._backend.CUDA_MAX_HEAD_DIM)
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -372,11 +412,20 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), kOp, ": query, key and value must be CUDA tensors");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kOp, ": query, key and value must be [B, H, N, d]");
   TORCH_CHECK(k.sizes() == v.sizes(), kOp, ": key and value must have one shape, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3), kOp,
-              ": query ", q.sizes(), " and key ", k.sizes(), " must agree in B, H and d");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), kOp, ": query ", q.sizes(), " and key ", k.sizes(),
+              " must agree in B and d");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, kOp, ": the query heads (", q.size(1),
+              ") must be a multiple of the key/value heads (", k.size(1), ")");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), kOp,
               ": query, key and value must have one dtype");
-  TORCH_CHECK(q.size(3) <= 128, kOp, ": head dimension ", q.size(3), " > 128 is not supported");
+  TORCH_CHECK(q.size(3) <= kMaxHeadDim, kOp, ": head dimension ", q.size(3), " > ", kMaxHeadDim,
+              " is not supported");
+}
+
+void check_masking(bool causal, int64_t window, int64_t nq, int64_t nk) {
+  TORCH_CHECK(!causal || nq == nk, kOp, ": causal attention needs as many query rows as keys");
+  TORCH_CHECK(window >= 0, kOp, ": window must be >= 0 (0: none), got ", window);
+  TORCH_CHECK(window == 0 || causal, kOp, ": a sliding window is only defined with the causal mask");
 }
 
 std::optional<at::Tensor> keep_of(const std::optional<at::Tensor>& key_mask, const at::Tensor& k) {
@@ -386,13 +435,30 @@ std::optional<at::Tensor> keep_of(const std::optional<at::Tensor>& key_mask, con
   return key_mask->to(k.device(), at::kBool).contiguous();
 }
 
-// DPL, the entries per lane, as a compile-time constant: 2 (d ≤ 64) or 4 (d ≤ 128)
+// Each sample's real keys [first, end) as [B, 2] int64, by device ops (no host sync): the kernels skip the padding
+// outside. A sample without a real key gets [0, NK) (every pair is masked by keep anyway).
+std::optional<at::Tensor> key_range_of(const std::optional<at::Tensor>& keep) {
+  if (!keep.has_value()) return std::nullopt;
+  const auto k = keep->to(at::kInt);
+  const auto first = k.argmax(1), end = k.size(1) - k.flip({1}).argmax(1);
+  return at::stack({first, end}, 1).contiguous();
+}
+
+Masking masking_of(const std::optional<at::Tensor>& keep, const std::optional<at::Tensor>& range, int64_t nk,
+                   bool causal, int64_t window) {
+  return {keep.has_value() ? keep->data_ptr<bool>() : nullptr, range.has_value() ? range->data_ptr<int64_t>() : nullptr,
+          nk, causal, window};
+}
+
+// DPL, the entries per lane, as a compile-time constant: 2 (d ≤ 64), 4 (d ≤ 128) or 8 (d ≤ 256)
 template <typename F>
 void with_dpl(int64_t d, F&& f) {
   if (d <= 64) {
     f(std::integral_constant<int, 2>{});
-  } else {
+  } else if (d <= 128) {
     f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 8>{});
   }
 }
 
@@ -408,25 +474,27 @@ at::Tensor none_tensor(const at::Tensor& like) { return at::empty({0}, like.opti
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
                                                           const at::Tensor& value, double scale,
-                                                          const std::optional<at::Tensor>& key_mask, bool causal) {
+                                                          const std::optional<at::Tensor>& key_mask, bool causal,
+                                                          int64_t window) {
   check_qkv(query, key, value);
   const c10::cuda::CUDAGuard guard(query.device());
   const auto q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
   const auto keep = keep_of(key_mask, k);
   const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3);
-  TORCH_CHECK(!causal || nq == nk, kOp, ": causal attention needs as many query rows as keys");
+  check_masking(causal, window, nq, nk);
   auto out = at::empty({b, h, nq, d}, q.options());
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto lse = at::empty({b, h, nq}, q.options().dtype(acc_type));
   if (out.numel() == 0) return {out, lse};
+  const auto range = key_range_of(keep);
+  const Masking mask = masking_of(keep, range, nk, causal, window);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_dpl(d, [&](auto dpl) {
       attention_forward_kernel<scalar_t, decltype(dpl)::value><<<grid_of(b * h, nq), kBlockThreads, 0, stream>>>(
-          rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v),
-          keep.has_value() ? keep->data_ptr<bool>() : nullptr, out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), h,
-          nq, nk, static_cast<int>(d), static_cast<acc_t>(scale), causal);
+          rows_of<scalar_t>(q), rows_of<scalar_t>(k), rows_of<scalar_t>(v), mask, out.data_ptr<scalar_t>(),
+          lse.data_ptr<acc_t>(), h, h / k.size(1), nq, static_cast<int>(d), static_cast<acc_t>(scale));
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -434,16 +502,17 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
 }
 
 // Returns (grad_query, grad_key, grad_value, rel_query, rel_key, rel_value, rollout_rows, rollout_product, map),
-// each an empty [0] tensor where not asked for (transformer_lrp.ops.attention_relevance builds its dict from them).
+// each an empty [0] tensor where not asked for (transformer_lrp.ops.attention_relevance builds its dict from them);
+// the key and value ones shaped like K ([B, H_kv, NK, d], summed over each key head's group).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                          const at::Tensor& out_, const at::Tensor& lse_, double scale,
                          const std::optional<at::Tensor>& grad_out_, const std::optional<at::Tensor>& rel_out,
                          const std::optional<at::Tensor>& key_mask, bool mask_add, int64_t map_mode,
                          const std::optional<at::Tensor>& rollout, bool normalize_rows, bool want_map, bool inputs,
-                         bool mask_add_normalized, bool causal) {
+                         bool mask_add_normalized, bool causal, int64_t window) {
   check_qkv(query, key, value);
-  TORCH_CHECK(!causal || query.size(2) == key.size(2), kOp, ": causal attention needs as many query rows as keys");
+  check_masking(causal, window, query.size(2), key.size(2));
   TORCH_CHECK(map_mode >= attn::kMapNone && map_mode <= attn::kMapPartialLrp, kOp, ": map_mode ", map_mode,
               " is not one of 0..4");
   TORCH_CHECK(!(attn::map_reads_gradient(map_mode) && !grad_out_.has_value()), kOp, ": this map needs grad_out");
@@ -452,7 +521,7 @@ attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const a
   const c10::cuda::CUDAGuard guard(query.device());
   const auto q = last_dim_contiguous(query), k = last_dim_contiguous(key), v = last_dim_contiguous(value);
   const auto keep = keep_of(key_mask, k);
-  const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3);
+  const int64_t b = q.size(0), h = q.size(1), hk = k.size(1), nq = q.size(2), nk = k.size(2), d = q.size(3);
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_opts = q.options().dtype(acc_type);
   const auto lse = lse_.to(acc_type).contiguous();
@@ -480,23 +549,24 @@ attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const a
              product = none_tensor(lse), map = none_tensor(lse);
   if (need_grad) {
     grad_q = at::empty({b, h, nq, d}, q.options());
-    grad_k = at::empty({b, h, nk, d}, q.options());
-    grad_v = at::empty({b, h, nk, d}, q.options());
+    grad_k = at::empty({b, hk, nk, d}, q.options());
+    grad_v = at::empty({b, hk, nk, d}, q.options());
   }
   if (need_rel) {
     rel_q = at::empty({b, h, nq, d}, q.options());
-    rel_k = at::empty({b, h, nk, d}, q.options());
-    rel_v = at::empty({b, h, nk, d}, q.options());
+    rel_k = at::empty({b, hk, nk, d}, q.options());
+    rel_v = at::empty({b, hk, nk, d}, q.options());
   }
   if (q.numel() == 0 || k.numel() == 0) {
     return {grad_q, grad_k, grad_v, rel_q, rel_k, rel_v, rows_out, product, map};
   }
   const bool want_rowsum = rolling && normalize_rows;
   at::Tensor rowsum = want_rowsum ? at::empty({b, h, nq}, acc_opts) : none_tensor(lse);
-  at::Tensor roll = rolling ? at::empty({b, h, nk}, acc_opts) : none_tensor(lse);
-  at::Tensor sums = flags.mask_add ? at::empty({b, h, nk, 2}, acc_opts) : none_tensor(lse);
+  at::Tensor roll = rolling ? at::empty({b, hk, nk}, acc_opts) : none_tensor(lse);
+  at::Tensor sums = flags.mask_add ? at::empty({b, hk, nk, 2}, acc_opts) : none_tensor(lse);
   if (want_map) map = at::zeros({b, nq, nk}, acc_opts);
   at::Tensor weights;
+  const auto range = key_range_of(keep);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_relevance", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -507,9 +577,9 @@ attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const a
                                 half_s.has_value() ? rows_of<acc_t>(*half_s) : Rows<acc_t>{nullptr, 0, 0, 0},
                                 lse.data_ptr<acc_t>(),
                                 delta.has_value() ? delta->data_ptr<acc_t>() : nullptr,
-                                keep.has_value() ? keep->data_ptr<bool>() : nullptr,
-                                causal,
-                                h, nq, nk, static_cast<int>(d), static_cast<acc_t>(scale), flags, need_dp, need_ra};
+                                masking_of(keep, range, nk, causal, window),
+                                h, h / hk, nq, nk, static_cast<int>(d), static_cast<acc_t>(scale), flags, need_dp,
+                                need_ra};
     with_dpl(d, [&](auto dpl) {
       constexpr int DPL = decltype(dpl)::value;
       if (need_grad || need_rel || want_rowsum) {
@@ -530,7 +600,8 @@ attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const a
         weights = (weights / static_cast<double>(h)).contiguous();
       }
       if (need_grad || need_rel || rolling || want_map) {
-        attention_backward_key_kernel<scalar_t, DPL><<<grid_of(b * h, nk), kBlockThreads, 0, stream>>>(
+        // one warp per key row of a key head: the group's query heads are summed in its registers
+        attention_backward_key_kernel<scalar_t, DPL><<<grid_of(b * hk, nk), kBlockThreads, 0, stream>>>(
             args, rolling ? weights.data_ptr<acc_t>() : nullptr, need_grad ? grad_k.data_ptr<scalar_t>() : nullptr,
             need_grad ? grad_v.data_ptr<scalar_t>() : nullptr, need_rel ? rel_k.data_ptr<scalar_t>() : nullptr,
             need_rel ? rel_v.data_ptr<scalar_t>() : nullptr, rolling ? roll.data_ptr<acc_t>() : nullptr,
@@ -555,7 +626,7 @@ attention_relevance_cuda(const at::Tensor& query, const at::Tensor& key, const a
 // Returns (E[:, row] [B, NK], min [B], max [B]) in the accumulation dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weighted_map_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& lse_, double scale, const at::Tensor& weights_,
-    const std::optional<at::Tensor>& key_mask, const at::Tensor& rows_, bool causal) {
+    const std::optional<at::Tensor>& key_mask, const at::Tensor& rows_, bool causal, int64_t window) {
   check_qkv(query, key, key);
   const c10::cuda::CUDAGuard guard(query.device());
   const auto q = last_dim_contiguous(query), k = last_dim_contiguous(key);
@@ -564,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weighted_map_cuda(
   TORCH_CHECK(!keep.has_value() || nq == nk, kOp, ": a key mask masks the queries too, so NQ must equal NK");
   TORCH_CHECK(weights_.dim() == 2 && weights_.size(0) == b && weights_.size(1) == h, kOp,
               ": weights must be [B, H]");
-  TORCH_CHECK(!causal || nq == nk, kOp, ": causal attention needs as many query rows as keys");
+  check_masking(causal, window, nq, nk);
   TORCH_CHECK(rows_.dim() == 1 && rows_.size(0) == b, kOp, ": rows must be [B], the query row per sample");
   const auto rows = rows_.to(q.device(), at::kLong).contiguous();
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -573,16 +644,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weighted_map_cuda(
   auto row_out = at::zeros({b, nk}, q.options().dtype(acc_type));
   auto part = at::empty({b, nk, 2}, q.options().dtype(acc_type));
   if (b == 0 || nk == 0) return {row_out, at::empty({b}, row_out.options()), at::empty({b}, row_out.options())};
+  // no key range: this kernel visits every pair
+  const Masking mask = masking_of(keep, std::nullopt, nk, causal, window);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_weighted_map", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_dpl(d, [&](auto dpl) {
       attention_weighted_map_kernel<scalar_t, decltype(dpl)::value>
           <<<grid_of(b, nk), kBlockThreads, 0, stream>>>(
-              rows_of<scalar_t>(q), rows_of<scalar_t>(k), lse.data_ptr<acc_t>(),
-              keep.has_value() ? keep->data_ptr<bool>() : nullptr, weights.data_ptr<acc_t>(),
-              row_out.data_ptr<acc_t>(), part.data_ptr<acc_t>(), h, nq, nk, static_cast<int>(d),
-              static_cast<acc_t>(scale), rows.data_ptr<int64_t>(), causal);
+              rows_of<scalar_t>(q), rows_of<scalar_t>(k), lse.data_ptr<acc_t>(), mask, weights.data_ptr<acc_t>(),
+              row_out.data_ptr<acc_t>(), part.data_ptr<acc_t>(), h, h / k.size(1), nq, static_cast<int>(d),
+              static_cast<acc_t>(scale), rows.data_ptr<int64_t>());
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,10 +1,11 @@
-// LayerNorm backward fused with the relevance rules next to it, in CUDA C++: the same two passes as
-// triton_kernels/layernorm_lrp.py, for z = u + v feeding a LayerNorm (split case).
+// LayerNorm (or RMSNorm) backward fused with the relevance rules next to it, in CUDA C++: the same two passes as
+// triton_kernels/layernorm_lrp.py, for z = u + v feeding the norm (split case).
 //
-// Pass 1 (one block per row): LayerNorm statistics of z, dz = LN'(dY) (+ the residual gradient), the relevance of z
-// (R_LN, or clone(z; R_LN, R_res)), and the row's partial sums of u·S, v·S and R_z (S = safe_divide(R_z, z)) in
-// double. The host adds a sample's rows and forms the normalized add's two factors. Pass 2 recomputes R_z, S and
-// writes R_u, R_v. Statistics accumulate in float (double for double inputs).
+// Pass 1 (one block per row): the norm's statistics of z, dz = LN'(dY) (+ the residual gradient; the row program
+// of norm_math.cuh, which the host test runs too; rms: RMSNorm with the gain weight + weight_offset), the
+// relevance of z (R_LN, or clone(z; R_LN, R_res)), and the row's partial sums of u·S, v·S and R_z
+// (S = safe_divide(R_z, z)) in double. The host adds a sample's rows and forms the normalized add's two factors.
+// Pass 2 recomputes R_z, S and writes R_u, R_v. Statistics accumulate in float (double for double inputs).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,6 +18,7 @@
 #include <tuple>
 
 #include "common.cuh"
+#include "norm_math.cuh"
 
 namespace tlrp {
 namespace {
@@ -34,37 +36,23 @@ __global__ void ln_relevance_pass1(const scalar_t* __restrict__ u, const scalar_
                                    const scalar_t* __restrict__ weight, const scalar_t* __restrict__ g_ln,
                                    const scalar_t* __restrict__ g_res, const scalar_t* __restrict__ r_ln,
                                    const scalar_t* __restrict__ r_res, scalar_t* __restrict__ dz,
-                                   double* __restrict__ partial, int64_t dim, double ln_eps) {
+                                   double* __restrict__ partial, int64_t dim, double ln_eps, bool rms,
+                                   double weight_offset) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t shared[kThreads];
   __shared__ double shared_d[kThreads];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * dim;
+  const acc_t offset = static_cast<acc_t>(weight_offset);
   auto z_at = [&](int64_t j) { return static_cast<acc_t>(u[base + j]) + static_cast<acc_t>(v[base + j]); };
-  acc_t sum = 0;
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) sum += z_at(j);
-  const acc_t mean = block_sum(sum, shared) / static_cast<acc_t>(dim);
-  acc_t sq = 0;
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-    const acc_t c = z_at(j) - mean;
-    sq += c * c;
-  }
-  const acc_t rstd = static_cast<acc_t>(1) /
-                     sqrt(block_sum(sq, shared) / static_cast<acc_t>(dim) + static_cast<acc_t>(ln_eps));
-  acc_t c_xhat = 0, c_one = 0;
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-    acc_t dy = static_cast<acc_t>(g_ln[base + j]);
-    if (weight != nullptr) dy *= static_cast<acc_t>(weight[j]);
-    c_xhat += dy * (z_at(j) - mean) * rstd;
-    c_one += dy;
-  }
-  c_xhat = block_sum(c_xhat, shared) / static_cast<acc_t>(dim);
-  c_one = block_sum(c_one, shared) / static_cast<acc_t>(dim);
+  auto g_at = [&](int64_t j) { return static_cast<acc_t>(g_ln[base + j]) * norm::gain(weight, j, offset); };
+  auto for_each = [&](const auto& f) {
+    for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) f(j);
+  };
+  auto row_sum = [&](acc_t x) { return block_sum(x, shared); };
   double su = 0.0, sv = 0.0, sr = 0.0;
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+  // with dz, the row's relevance of z and its partial sums of u·S, v·S and R_z (S = safe_divide(R_z, z))
+  auto store = [&](int64_t j, acc_t grad) {
     const int64_t i = base + j;
-    acc_t dy = static_cast<acc_t>(g_ln[i]);
-    if (weight != nullptr) dy *= static_cast<acc_t>(weight[j]);
-    acc_t grad = (dy - (z_at(j) - mean) * rstd * c_xhat - c_one) * rstd;
     if (g_res != nullptr) grad += static_cast<acc_t>(g_res[i]);
     dz[i] = from_double<scalar_t>(static_cast<double>(grad));
     const double uu = load_double(u, i), vv = load_double(v, i), z = uu + vv;
@@ -73,7 +61,8 @@ __global__ void ln_relevance_pass1(const scalar_t* __restrict__ u, const scalar_
     su += uu * s;
     sv += vv * s;
     sr += r;
-  }
+  };
+  norm::input_grad_row<acc_t>(z_at, g_at, store, dim, static_cast<acc_t>(ln_eps), rms, for_each, row_sum);
   su = block_sum(su, shared_d);
   sv = block_sum(sv, shared_d);
   sr = block_sum(sr, shared_d);
@@ -112,7 +101,7 @@ const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_relevance_cuda(
     const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& weight, double ln_eps,
     const at::Tensor& grad_norm_out, const at::Tensor& rel_norm_out, const std::optional<at::Tensor>& grad_residual,
-    const std::optional<at::Tensor>& rel_residual) {
+    const std::optional<at::Tensor>& rel_residual, bool rms, double weight_offset) {
   const char* op = "tlrp::layernorm_relevance (cuda)";
   TORCH_CHECK(u.dim() >= 2, op, ": u must be [B, ..., D]");
   auto check = [&](const at::Tensor& t, const char* name) {
@@ -146,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_relevance_cuda(
     ln_relevance_pass1<scalar_t><<<rows, kThreads, 0, stream>>>(
         uc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(w), g.data_ptr<scalar_t>(),
         ptr_or_null<scalar_t>(g_res), r.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(r_res),
-        dz.data_ptr<scalar_t>(), partial.data_ptr<double>(), dim, ln_eps);
+        dz.data_ptr<scalar_t>(), partial.data_ptr<double>(), dim, ln_eps, rms, weight_offset);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto factors = normalized_add_factors(partial.view({batch, rows / batch, 3}).sum(1));

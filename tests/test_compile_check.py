@@ -102,7 +102,7 @@ def test_cuda_compile_check_passes(tmp_path):
                "attention_weighted_map_kernel"}
     assert attention == {(k, dt, arch, f"entries_per_lane={n}") for k in kernels for dt in ("fp32", "fp64", "fp16",
                                                                                           "bf16")
-                         for arch in ("sm_80", "sm_90") for n in (2, 4)}
+                         for arch in ("sm_80", "sm_90") for n in (2, 4, 8)}
     assert {"layernorm_relevance.cu", "normalized_add.cu"} <= {r["models"] for r in cuda}
 
 

@@ -14,7 +14,7 @@ reason. No device is queried at import.
 Inside an explanation, an op whose Triton kernel cannot take the tensors while the rest of the sweep can is
 routed to its torch reference (``route``, warned once, the reason from ``not_supported_reasons(..., op=...)``):
 float64 attention on a GPU on ``triton`` is one such case; on ``cuda``, the ops without a CUDA C++ kernel take
-the Triton kernel or the reference, and attention with a head dimension over 128 takes the reference.
+the Triton kernel or the reference, and attention with a head dimension over 256 takes the reference.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def _warn_routed(op: str, reasons: list[str]) -> bool:
 # The ops with a CUDA C++ kernel (csrc/, torch.ops.tlrp.*).
 CUDA_OPS = ("attention_forward", "attention_relevance", "attention_weighted_map", "normalized_add",
             "layernorm_relevance")
-CUDA_MAX_HEAD_DIM = 128  # csrc/attention_relevance.cu: at most 4 entries of a row per lane of a warp
+CUDA_MAX_HEAD_DIM = 256  # csrc/attention_relevance.cu: at most 8 entries of a row per lane of a warp
 
 
 def _cuda_op_reasons(op: str, tensors: tuple) -> list[str]:
@@ -163,20 +163,21 @@ def load_cuda_extension() -> None:
         return relevance.new_empty(relevance.shape), relevance.new_empty(relevance.shape)
 
     @torch.library.register_fake("tlrp::layernorm_relevance")
-    def _(u, v, weight, ln_eps, grad_norm_out, rel_norm_out, grad_residual, rel_residual):
+    def _(u, v, weight, ln_eps, grad_norm_out, rel_norm_out, grad_residual, rel_residual, rms, weight_offset):
         return tuple(u.new_empty(u.shape) for _ in range(3))
 
     def acc(t):  # statistics, maps and sums: float64 for float64 inputs, float32 otherwise
         return torch.float64 if t.dtype == torch.float64 else torch.float32
 
     @torch.library.register_fake("tlrp::attention_forward")
-    def _(query, key, value, scale, key_mask, causal):
+    def _(query, key, value, scale, key_mask, causal, window):
         return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=acc(query))
 
     @torch.library.register_fake("tlrp::attention_relevance")
     def _(query, key, value, out, lse, scale, grad_out, rel_out, key_mask, mask_add, map_mode, rollout,
-          normalize_rows, want_map, inputs, mask_add_normalized, causal):
-        # an empty [0] tensor where an output is not asked for; distinct tensors (outputs may not alias)
+          normalize_rows, want_map, inputs, mask_add_normalized, causal, window):
+        # an empty [0] tensor where an output is not asked for; distinct tensors (outputs may not alias); the key
+        # and value ones shaped like key (GQA: H_kv heads)
         b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
         rolling, mapping = rollout is not None and map_mode != 0, want_map and map_mode != 0
 
@@ -191,7 +192,7 @@ def load_cuda_extension() -> None:
                 like(query, mapping, b, nq, nk, dtype=a))
 
     @torch.library.register_fake("tlrp::attention_weighted_map")
-    def _(query, key, lse, scale, weights, key_mask, rows, causal):
+    def _(query, key, lse, scale, weights, key_mask, rows, causal, window):
         b, nk = query.shape[0], key.shape[2]
         return (query.new_empty(b, nk, dtype=acc(query)), query.new_empty(b, dtype=acc(query)),
                 query.new_empty(b, dtype=acc(query)))

@@ -163,7 +163,7 @@ def attention_forward(
 
         return attention_fwd(query, key, value, scale, key_mask, out, causal, window)
     if chosen == "cuda":
-        o, lse = torch.ops.tlrp.attention_forward(query, key, value, float(scale), key_mask, causal)
+        o, lse = torch.ops.tlrp.attention_forward(query, key, value, float(scale), key_mask, causal, int(window or 0))
         if out is None:
             return o, lse
         return out.copy_(o), lse
@@ -315,7 +315,7 @@ def _relevance_cuda(query, key, value, out, lse, scale, *, grad_out, rel_out, ke
     for), as the dict of the other backends."""
     outputs = torch.ops.tlrp.attention_relevance(
         query, key, value, out, lse, float(scale), grad_out, rel_out, key_mask, mask_add, MAP_MODES.index(map_mode),
-        rollout, normalize_rows, want_map, inputs, mask_add_normalized, causal)
+        rollout, normalize_rows, want_map, inputs, mask_add_normalized, causal, int(window or 0))
     need_grad, need_rel = inputs and grad_out is not None, inputs and rel_out is not None
     rolling, mapping = rollout is not None and map_mode is not None, want_map and map_mode is not None
     asked = (need_grad,) * 3 + (need_rel,) * 3 + (rolling, rolling, mapping)
@@ -399,5 +399,5 @@ def attention_weighted_map(
     if chosen == "cuda":
         rows = torch.as_tensor(row, device=query.device).to(torch.int64).expand(query.shape[0]).contiguous()
         return tuple(torch.ops.tlrp.attention_weighted_map(query, key, lse, float(scale), weights, key_mask, rows,
-                                                           causal))
+                                                           causal, int(window or 0)))
     return attention_weighted_map_ref(query, key, lse, scale, weights, key_mask, row, causal, window)

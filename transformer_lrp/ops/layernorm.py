@@ -117,7 +117,7 @@ def layernorm_relevance(
             raise NotImplementedError("layernorm_relevance: backend 'cuda' covers the split case only (v and "
                                       "rel_norm_out given)")
         return tuple(torch.ops.tlrp.layernorm_relevance(u, v, weight, float(ln_eps), grad_norm_out, rel_norm_out,
-                                                        grad_residual, rel_residual))
+                                                        grad_residual, rel_residual, rms, float(weight_offset)))
     return layernorm_relevance_ref(u, v, weight, bias, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
                                    rel_residual, rms, weight_offset)
 
