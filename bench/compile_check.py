@@ -108,6 +108,17 @@ def _hf(config: str, model: str, **kw):
     return build
 
 
+def _decoder(config: str, model: str = "AutoModelForCausalLM", **kw):
+    def build():
+        import transformers
+
+        cfg = getattr(transformers, config)(num_hidden_layers=DEPTH, **kw)
+        cls = getattr(transformers, model)
+        return cls.from_config(cfg) if model.startswith("Auto") else cls(cfg)
+
+    return build
+
+
 def _clip():
     def build():
         import transformers
@@ -141,6 +152,21 @@ MODELS = [
                                                 n_layers=DEPTH), 32, tokens=256),
     ModelCase("clip_vit_b32_text_77_causal", _clip(), 32, tokens=77, quick=True, tower="text"),
     ModelCase("clip_vit_b32_vision", _clip(), 64, tower="vision"),
+    # decoder LLMs: causal, left padding, shared key/value heads, sliding windows, head dims 64, 128 and 256
+    ModelCase("smollm2_135m_512_left_padded", _decoder("LlamaConfig", hidden_size=576, intermediate_size=1536,
+                                                       num_attention_heads=9, num_key_value_heads=3,
+                                                       vocab_size=49152, tie_word_embeddings=True), 4, tokens=512,
+              quick=True),
+    ModelCase("llama3_8b_8k", _decoder("LlamaConfig", hidden_size=4096, intermediate_size=14336,
+                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                       max_position_embeddings=8192), 1, tokens=8192),
+    ModelCase("gemma3_1b_head_dim_256_window_512", _decoder(
+        "Gemma3TextConfig", "Gemma3ForCausalLM", hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, sliding_window=512, vocab_size=262144,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]), 2, tokens=2048),
+    ModelCase("mistral_7b_window_4096", _decoder("MistralConfig", hidden_size=4096, intermediate_size=14336,
+                                                 num_attention_heads=32, num_key_value_heads=8, sliding_window=4096,
+                                                 max_position_embeddings=8192), 1, tokens=8192),
 ]
 
 DTYPES = {"bf16": ("bfloat16", False), "fp16": ("float16", False), "fp32": ("float32", False),
@@ -190,13 +216,19 @@ def record_case(case: ModelCase, dtype_label: str, arch: int, runs: list | None 
     # text: a padded batch, and one without padding (the adapter then passes no mask)
     masks = [torch.empty(case.batch, n, dtype=torch.bool, device="meta") if p else None for p in padded] \
         if text else [None]
+    positions = None
+    if any(blk.rope is not None for blk in enc.blocks):  # decoders: rotary positions, the explained position
+        positions = torch.empty(case.batch, n, dtype=torch.long, device="meta")
+    if enc.language_model or positions is not None:
+        pool = torch.zeros(case.batch, dtype=torch.long, device="meta")
 
     def target(logits, t):
         return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
 
     with record_launches(arch=arch, tf32=tf32) as rec:
         for key_mask in masks:
-            emb = Embedded(tokens, key_mask, to_input=lambda r, rule: (r.sum(-1), None), pool_index=pool)
+            emb = Embedded(tokens, key_mask, to_input=lambda r, rule: (r.sum(-1), None), pool_index=pool,
+                           positions=positions)
             for method, start, norm in (runs if runs is not None else settings(enc.depth)):
                 start = start + enc.depth if start < 0 else start
                 methods.run(enc, emb, method, None, start, norm, target, backend=backend)

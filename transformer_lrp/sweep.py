@@ -90,8 +90,6 @@ class Rules:
             backend = self.backend
             if backend == "cuda" and (v is None or rel is None):  # the CUDA C++ kernel covers the split case only
                 backend = route("layernorm_relevance_unsplit", backend, (u,))
-            if backend == "cuda" and norm.rms:  # the CUDA C++ kernel has no RMSNorm mode: the Triton one runs it
-                backend = route("layernorm_relevance_rms", backend, (u,))
             return layernorm_relevance(u, v, norm.weight, norm.bias, norm.eps, grad, rel, grad_res, rel_res,
                                        backend=backend, rms=norm.rms, weight_offset=norm.weight_offset)
         if rel is None:

@@ -111,8 +111,6 @@ def layernorm_relevance(
         return layernorm_relevance_bwd(u, v, weight, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
                                        rel_residual, rms=rms, weight_offset=weight_offset)
     if chosen == "cuda":  # csrc/layernorm_relevance.cu, loaded by op_backend
-        if rms:
-            raise NotImplementedError("layernorm_relevance: backend 'cuda' has no RMSNorm mode yet")
         if v is None or rel_norm_out is None:
             raise NotImplementedError("layernorm_relevance: backend 'cuda' covers the split case only (v and "
                                       "rel_norm_out given)")
