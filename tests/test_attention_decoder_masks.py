@@ -160,3 +160,40 @@ def test_window_needs_the_causal_mask_and_heads_must_divide():
         attention_forward(q, k, v, 0.3, window=4)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         attention_forward(q[:, :5], k, v, 0.3, causal=True)
+
+
+@pytest.mark.parametrize("setting", SETTINGS + [dict(map_mode="transformer_attribution", mask_add=True,
+                                                      causal=False, window=None)],
+                         ids=SETTING_IDS + ["bert_mask_add"])
+@pytest.mark.parametrize("case", CASES[:2], ids=IDS[:2])
+def test_the_reference_in_chunks_equals_the_whole(case, setting, monkeypatch):
+    """The reference processes query rows in chunks (memory O(N) per block): with chunks of 16 rows, and the causal
+    key ranges they imply, every output equals the one-chunk computation (the BERT mask add's per-sample factor
+    applied once all chunks' sums are in)."""
+    from transformer_lrp.ops import attention as ops_attention
+
+    q, k, v, key_mask, d_o, r_o, roll = _inputs(case)
+    if key_mask is not None:
+        key_mask[:, -1] = True  # BERT-style cases need a real key in every row
+    kw = dict(grad_out=d_o, rel_out=r_o, rollout=roll, key_mask=key_mask, causal=True, window=case[-1],
+              want_map=True)
+    kw.update(setting)
+    if kw["map_mode"] is None:
+        kw["want_map"] = False
+    o, lse = attention_forward(q, k, v, 0.3, key_mask, causal=kw["causal"], window=kw["window"])
+    whole = attention_relevance(q, k, v, o, lse, 0.3, **kw)
+    weights = torch.randn(q.shape[0], q.shape[1], dtype=torch.float64).to(DEVICE)
+    rows = torch.full((q.shape[0],), q.shape[2] - 1, device=DEVICE)
+    whole_map = attention_weighted_map(q, k, lse, 0.3, weights, key_mask, rows, causal=kw["causal"],
+                                       window=kw["window"])
+    monkeypatch.setattr(ops_attention, "CHUNK_ELEMENTS", 1)  # 16 query rows per chunk
+    assert len(list(ops_attention.query_chunks(*q.shape[:3], k.shape[2], kw["causal"], kw["window"]))) > 1
+    o2, lse2 = attention_forward(q, k, v, 0.3, key_mask, causal=kw["causal"], window=kw["window"])
+    _close(o2, o, 1e-13, "O")
+    chunked = attention_relevance(q, k, v, o, lse, 0.3, **kw)
+    assert set(chunked) == set(whole)
+    for name in whole:
+        _close(chunked[name], whole[name], 1e-12, name)
+    for a, b, name in zip(attention_weighted_map(q, k, lse, 0.3, weights, key_mask, rows, causal=kw["causal"],
+                                                 window=kw["window"]), whole_map, ("row", "min", "max")):
+        _close(a, b, 1e-13, name)

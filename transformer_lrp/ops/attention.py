@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from transformer_lrp._backend import op_backend
-from transformer_lrp._numerics import EPS, accumulation_dtype, safe_divide
+from transformer_lrp._numerics import EPS, accumulation_dtype, normalized_add_factors, safe_divide
 from transformer_lrp.ops.common import profiled
 
 
@@ -84,30 +84,50 @@ def sum_groups(t: torch.Tensor, heads_kv: int) -> torch.Tensor:
     return t.view(b, heads_kv, h // heads_kv, n, d).sum(dim=2)
 
 
-def _masked_scores(query, key, scale, key_mask, causal=False, window=None):
+def _masked_scores(query, key, scale, key_mask, causal=False, window=None, q_offset=0, k_offset=0):
     key = repeat_kv(key, query.shape[1])
     scores = (query * scale) @ key.transpose(-1, -2)
-    attend = _attended(key_mask, causal, query.shape[2], key.shape[2], scores.device, window)
+    attend = _attended(key_mask, causal, query.shape[2], key.shape[2], scores.device, window, q_offset, k_offset)
     if attend is None:
         return scores, scores, None
     return scores, scores.masked_fill(~attend, torch.finfo(scores.dtype).min), attend
 
 
-def _attended(key_mask, causal, nq, nk, device, window=None):
+def _attended(key_mask, causal, nq, nk, device, window=None, q_offset=0, k_offset=0):
     """Which (query, key) pairs attend, broadcastable to ``[B, H, NQ, NK]`` (``None``: all): real keys, and with
-    ``causal`` (``NQ == NK``) keys at or before the query, with ``window`` also less than ``window`` positions
-    behind it (a sliding window)."""
+    ``causal`` keys at or before the query, with ``window`` also less than ``window`` positions behind it (a sliding
+    window). ``q_offset``, ``k_offset``: the positions of the first query row and key (a chunk of a longer
+    sequence); ``key_mask`` covers the chunk's keys."""
     attend = None if key_mask is None else key_mask[:, None, None, :]
     if window and not causal:
         raise ValueError("a sliding window is only defined with the causal mask here")
     if causal:
-        if nq != nk:
-            raise ValueError(f"causal attention needs as many query rows as keys, got {nq} and {nk}")
-        tri = torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
+        q_pos = torch.arange(q_offset, q_offset + nq, device=device)[:, None]
+        k_pos = torch.arange(k_offset, k_offset + nk, device=device)[None, :]
+        tri = k_pos <= q_pos
         if window:
-            tri = tri.triu(-(int(window) - 1))
+            tri = tri & (q_pos - k_pos < int(window))
         attend = tri if attend is None else attend & tri
     return attend
+
+
+# Query rows are processed in chunks so that each [B, H, rows, NK] intermediate stays below this many elements: the
+# reference's memory then grows as O(N) per block, not O(N²) (a decoder at 8k tokens would need gigabytes per map).
+CHUNK_ELEMENTS = 1 << 23
+
+
+def query_chunks(b: int, h: int, nq: int, nk: int, causal: bool, window: int | None):
+    """``(q0, q1, k0, k1)`` per chunk of query rows: the rows and the keys they can attend (causal: none after the
+    chunk's last row; a window: none before its first row's window)."""
+    rows = max(16, CHUNK_ELEMENTS // max(1, b * h * nk))
+    for q0 in range(0, nq, rows):
+        q1 = min(nq, q0 + rows)
+        k0, k1 = 0, nk
+        if causal:
+            k1 = min(nk, q1)
+            if window:
+                k0 = max(0, q0 - int(window) + 1)
+        yield q0, q1, k0, k1
 
 
 EMPTY_ROW_LSE = 1.0e30  # the log-sum-exp of a query row without any key (the kernels write the same)
@@ -125,15 +145,28 @@ def attention_forward_ref(
     causal: bool = False, window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(O, lse)``: ``O = softmax(scale·Q Kᵀ, padded keys masked) V``; ``lse`` the rows' log-sum-exp (float32 for
-    half inputs; a row with no attended key has ``O = 0``). Reference of ``attention_forward`` (materializes
-    ``[B, H, NQ, NK]``)."""
-    _, masked, attend = _masked_scores(query, key, scale, key_mask, causal, window)
-    acc = accumulation_dtype(masked.dtype)
-    lse = masked.to(acc).logsumexp(dim=-1)
-    if attend is not None:  # no key at all: a finite "plus infinity", so exp(score − lse) = 0 (as the kernels)
-        lse = lse.masked_fill(~attend.any(dim=-1), EMPTY_ROW_LSE)
-    attn = _softmax(masked, attend, acc).to(query.dtype)
-    return attn @ repeat_kv(value, query.shape[1]), lse
+    half inputs; a row with no attended key has ``O = 0``). Reference of ``attention_forward``: materializes
+    ``[B, H, rows, NK]`` for one chunk of query rows at a time (``query_chunks``)."""
+    b, h, nq, _ = query.shape
+    nk = key.shape[2]
+    _check_causal(causal, nq, nk)
+    outs, lses = [], []
+    for q0, q1, k0, k1 in query_chunks(b, h, nq, nk, causal, window):
+        km = None if key_mask is None else key_mask[:, k0:k1]
+        _, masked, attend = _masked_scores(query[:, :, q0:q1], key[:, :, k0:k1], scale, km, causal, window, q0, k0)
+        acc = accumulation_dtype(masked.dtype)
+        lse = masked.to(acc).logsumexp(dim=-1)
+        if attend is not None:  # no key at all: a finite "plus infinity", so exp(score − lse) = 0 (as the kernels)
+            lse = lse.masked_fill(~attend.any(dim=-1), EMPTY_ROW_LSE)
+        attn = _softmax(masked, attend, acc).to(query.dtype)
+        outs.append(attn @ repeat_kv(value[:, :, k0:k1], h))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _check_causal(causal: bool, nq: int, nk: int) -> None:
+    if causal and nq != nk:
+        raise ValueError(f"causal attention needs as many query rows as keys, got {nq} and {nk}")
 
 
 @profiled
@@ -176,16 +209,60 @@ def attention_relevance_ref(
     rollout=None, normalize_rows=False, want_map=False, inputs=True, mask_add_normalized=True, causal=False,
     window=None,
 ) -> dict[str, torch.Tensor]:
-    """Reference of ``attention_relevance``: materializes this block's ``A`` (``lse`` is not read) and drops it on
-    return. The gradient of softmax attention written out (``∇A = dO Vᵀ``, ``dS = A ⊙ (∇A − rowsum(∇A ⊙ A))``, as
-    autograd computes it: tests/test_attention_triton.py checks it against autograd), the relevance by the rules
-    above; each ``[B, H, NQ, NK]`` intermediate is freed once used, so only a few are alive at a time. Shared
-    key/value heads (GQA) are repeated for the products and their gradients and relevance summed back per head."""
-    from transformer_lrp.ops.residual import normalized_add_ref, z_add
+    """Reference of ``attention_relevance``: materializes this block's ``A`` one chunk of query rows at a time
+    (``query_chunks``: memory O(N) per block; ``lse`` is not read) and drops it on return. The gradient of softmax
+    attention written out (``∇A = dO Vᵀ``, ``dS = A ⊙ (∇A − rowsum(∇A ⊙ A))``, as autograd computes it:
+    tests/test_attention_triton.py checks it against autograd), the relevance by the rules above; each intermediate
+    is freed once used. Shared key/value heads (GQA) are repeated for the products and their gradients and relevance
+    summed back per head. Row outputs are stacked over the chunks, key outputs summed; BERT's mask add scales
+    ``R_Q``, ``R_K`` by its per-sample factor once every chunk's sums are in (the factor is linear in them)."""
+    b, h, nq, d = query.shape
+    hk, nk = key.shape[1], key.shape[2]
+    _check_causal(causal, nq, nk)
+    rows_of: dict[str, list] = {}
+    keys_of: dict[str, torch.Tensor] = {}
+    totals = None
+    for q0, q1, k0, k1 in query_chunks(b, h, nq, nk, causal, window):
+        part = _relevance_rows(
+            query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], out[:, :, q0:q1], scale,
+            None if grad_out is None else grad_out[:, :, q0:q1], None if rel_out is None else rel_out[:, :, q0:q1],
+            None if key_mask is None else key_mask[:, k0:k1], mask_add, map_mode,
+            None if rollout is None else rollout[:, q0:q1], normalize_rows, inputs, mask_add_normalized, causal,
+            window, q0, k0, hk)
+        for name in ("grad_query", "rel_query", "rollout_rows"):
+            if name in part:
+                rows_of.setdefault(name, []).append(part[name])
+        for name, dim in (("grad_key", 2), ("grad_value", 2), ("rel_key", 2), ("rel_value", 2),
+                          ("rollout_product", 1)):
+            if name in part:
+                if name not in keys_of:
+                    shape = list(part[name].shape)
+                    shape[dim] = nk
+                    keys_of[name] = part[name].new_zeros(shape)
+                keys_of[name].narrow(dim, k0, k1 - k0).add_(part[name])
+        if want_map and "map" in part:
+            if "map" not in keys_of:
+                keys_of["map"] = part["map"].new_zeros(b, nq, nk)
+            keys_of["map"][:, q0:q1, k0:k1] = part["map"]
+        if "mask_sums" in part:
+            totals = part["mask_sums"] if totals is None else totals + part["mask_sums"]
+    result = {name: torch.cat(parts, dim=2 if name != "rollout_rows" else 1) for name, parts in rows_of.items()}
+    result.update(keys_of)
+    if totals is not None:  # the padding-mask add's normalized split (docs/method.md §2.8 with v = 0), per sample
+        factor = normalized_add_factors(totals[:, 0], torch.zeros_like(totals[:, 0]), totals[:, 1])[0]
+        factor = factor.to(query.dtype)[:, None, None, None]
+        result["rel_query"] = result["rel_query"] * factor
+        result["rel_key"] = result["rel_key"] * factor
+    return result
 
-    heads_kv = key.shape[1]
+
+def _relevance_rows(query, key, value, out, scale, grad_out, rel_out, key_mask, mask_add, map_mode, rollout,
+                    normalize_rows, inputs, mask_add_normalized, causal, window, q_offset, k_offset, heads_kv):
+    """``attention_relevance_ref`` on a chunk of query rows and the keys they can attend."""
+    from transformer_lrp.ops.residual import z_add
+
     key, value = repeat_kv(key, query.shape[1]), repeat_kv(value, query.shape[1])
-    scores, masked, attend = _masked_scores(query, key, scale, key_mask, causal, window)
+    scores, masked, attend = _masked_scores(query, key, scale, key_mask, causal, window, q_offset, k_offset)
     probs = _softmax(masked, attend, accumulation_dtype(masked.dtype) if masked.dtype in _HALF else None)
     del masked
     attn = probs.to(query.dtype)  # half inputs: the products read A in their own dtype, as the model's forward
@@ -220,13 +297,14 @@ def attention_relevance_ref(
             w = rollout / (1 + e.sum(dim=-1)) if normalize_rows else rollout
             result["rollout_rows"] = w
             result["rollout_product"] = (w.unsqueeze(1) @ e).squeeze(1)
-        if want_map:
-            result["map"] = e
+        result["map"] = e
     del attn
     if rel_out is not None and inputs:
         r_scores = r_attn
-        if mask_add:
-            r_scores = (normalized_add_ref if mask_add_normalized else z_add)(r_attn, scores, None)[0]
+        if mask_add:  # the z-rule share of the scores; the method's normalization is applied once per sample
+            r_scores = z_add(r_attn, scores, None)[0]
+            if mask_add_normalized:
+                result["mask_sums"] = torch.stack([r_scores.sum(dim=(1, 2, 3)), r_attn.sum(dim=(1, 2, 3))], dim=1)
         del r_attn
         r_query, r_key = attention_qk_relevance(query, key, scores, r_scores, scale)
         result.update(rel_query=r_query, rel_key=sum_groups(r_key, heads_kv), rel_value=sum_groups(r_value, heads_kv))
@@ -347,18 +425,29 @@ def lrp_attention(query, key, value, scale: float, key_mask=None, backend: str |
 
 
 def attention_weighted_map_ref(query, key, lse, scale, weights, key_mask=None, row=0, causal=False, window=None):
-    """Reference of ``attention_weighted_map`` (materializes ``A``; ``lse`` is not read)."""
-    _, masked, attend = _masked_scores(query, key, scale, key_mask, causal, window)
+    """Reference of ``attention_weighted_map`` (materializes ``A`` a chunk of query rows at a time; ``lse`` is not
+    read). Every key is visited: the masked zeros count in the minimum."""
+    b, h, nq, _ = query.shape
+    nk = key.shape[2]
+    _check_causal(causal, nq, nk)
     acc = accumulation_dtype(query.dtype)
-    attn = _softmax(masked, attend, acc)
-    e = (weights.to(acc)[:, :, None, None] * attn).mean(dim=1).clamp(min=0)
-    rows = torch.as_tensor(row, device=e.device).expand(e.shape[0])
-    at_row = e[torch.arange(e.shape[0], device=e.device), rows]
-    if key_mask is None:
-        return at_row, e.amin(dim=(1, 2)), e.amax(dim=(1, 2))
-    valid = key_mask[:, :, None] & key_mask[:, None, :]
-    lo = torch.where(valid, e, float("inf")).amin(dim=(1, 2))
-    hi = torch.where(valid, e, float("-inf")).amax(dim=(1, 2))
+    rows = torch.as_tensor(row, device=query.device).expand(b)
+    at_row = torch.zeros(b, nk, dtype=acc, device=query.device)
+    lo = torch.full((b,), float("inf"), dtype=acc, device=query.device)
+    hi = torch.full((b,), float("-inf"), dtype=acc, device=query.device)
+    for q0, q1, _, _ in query_chunks(b, h, nq, nk, False, None):
+        _, masked, attend = _masked_scores(query[:, :, q0:q1], key, scale, key_mask, causal, window, q0, 0)
+        attn = _softmax(masked, attend, acc)
+        e = (weights.to(acc)[:, :, None, None] * attn).mean(dim=1).clamp(min=0)
+        inside = (rows >= q0) & (rows < q1)
+        picked = e[torch.arange(b, device=e.device), (rows - q0).clamp(0, q1 - q0 - 1)]
+        at_row = torch.where(inside[:, None], picked, at_row)
+        if key_mask is None:
+            lo, hi = torch.minimum(lo, e.amin(dim=(1, 2))), torch.maximum(hi, e.amax(dim=(1, 2)))
+        else:
+            valid = key_mask[:, q0:q1, None] & key_mask[:, None, :]
+            lo = torch.minimum(lo, torch.where(valid, e, float("inf")).amin(dim=(1, 2)))
+            hi = torch.maximum(hi, torch.where(valid, e, float("-inf")).amax(dim=(1, 2)))
     return at_row, lo, hi
 
 
