@@ -235,10 +235,47 @@ def _record_clip(batch, tokens):
     return record
 
 
+def _smollm2_shape():
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                   num_key_value_heads=3, num_hidden_layers=3, vocab_size=49152,
+                                   tie_word_embeddings=True, max_position_embeddings=2048)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _gemma3_shape():
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(hidden_size=640, intermediate_size=2048, num_attention_heads=4,
+                                        num_key_value_heads=1, head_dim=256, num_hidden_layers=3, sliding_window=64,
+                                        vocab_size=32000, layer_types=["sliding_attention", "full_attention",
+                                                                       "sliding_attention"])
+    return transformers.Gemma3ForCausalLM(cfg)
+
+
+def _prompts(model, lengths=(160, 97, 40)):
+    """Left-padded prompts of random real-vocabulary tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(4)
+    n = max(lengths)
+    vocab = model.config.vocab_size
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for i, m in enumerate(lengths):
+        ids[i, n - m:] = torch.randint(min(100, vocab // 3), vocab, (m,), generator=g)
+        mask[i, n - m:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 WORKLOADS = [
     Workload("vit_b16_depth3", _timm_vit, _images, _record(_timm_vit, 2)),
     Workload("bert_base_depth3_padded", _bert, _text, _record(_bert, 3, tokens=128)),
     Workload("clip_b32_depth3_pairs", _clip, _clip_pairs, _record_clip(2, 16)),
+    # decoders: GQA (9:3, head dim 64), causal with left padding; Gemma's head dim 256, MQA and a sliding window
+    Workload("smollm2_shape_depth3_left_padded", _smollm2_shape, _prompts, _record(_smollm2_shape, 3, tokens=160)),
+    Workload("gemma3_shape_d256_window_depth3", _gemma3_shape, _prompts, _record(_gemma3_shape, 3, tokens=160)),
 ]
 
 
@@ -266,6 +303,14 @@ def _tiny_clip():
         vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16))
 
 
+def _tiny_llama():
+    import transformers
+
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+
+
 if TINY:
     WORKLOADS = [
         Workload("tiny_vit", _tiny_vit, lambda m: _images(m)[..., :32, :32], _record(_tiny_vit, 2)),
@@ -273,6 +318,8 @@ if TINY:
         Workload("tiny_clip_pairs", _tiny_clip, lambda m: {**_clip_pairs(m, (6, 4)),
                                                            "pixel_values": _images(m)[..., :32, :32]},
                  _record_clip(2, 6)),
+        Workload("tiny_llama_left_padded", _tiny_llama, lambda m: _prompts(m, (9, 5)),
+                 _record(_tiny_llama, 2, tokens=9)),
     ]
 METHODS = ("transformer_attribution", "gae", "rollout", "raw_attention", "attention_gradcam", "partial_lrp",
            "full_lrp")

@@ -66,3 +66,17 @@ def test_logits_left_padding_and_conservation(smollm2):
                 lambda where, r: totals.append(r.sum(dim=(1, 2))))
     total = torch.stack(totals)
     assert float((total - 1).abs().max()) < 1e-2, total
+
+
+def test_the_readme_decoder_example_runs(smollm2):
+    """The README's decoder example, as written (after the model is loaded once for this module)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Decoder LLMs") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    exp = scope["exp"]
+    assert exp.relevance.shape[:2] == (2, scope["answer"]["input_ids"].shape[1])
