@@ -26,10 +26,10 @@ _kernels_of_source_tree()
 # imported after the kernels' folder is mapped (above), which some of these modules reach
 from transformer_lrp.adapters import SUPPORTED, build_encoder  # noqa: E402
 from transformer_lrp.adapters.spec import clear_cache  # noqa: E402
-from transformer_lrp.api import explain  # noqa: E402
+from transformer_lrp.api import explain, explain_generation  # noqa: E402
 from transformer_lrp.conservation import Conservation, ConservationWarning  # noqa: E402
 from transformer_lrp.errors import InputError, UnsupportedModelError  # noqa: E402
-from transformer_lrp.explanation import ClipExplanation, Explanation  # noqa: E402
+from transformer_lrp.explanation import ClipExplanation, Explanation, GenerationExplanation  # noqa: E402
 from transformer_lrp.methods import METHODS  # noqa: E402
 from transformer_lrp.targets import Continuation, Contrast  # noqa: E402
 
@@ -44,10 +44,12 @@ __all__ = [
     "Conservation",
     "ConservationWarning",
     "Explanation",
+    "GenerationExplanation",
     "InputError",
     "UnsupportedModelError",
     "build_encoder",
     "clear_cache",
     "explain",
+    "explain_generation",
     "__version__",
 ]

@@ -14,7 +14,7 @@ from transformer_lrp._backend import select_backend
 from transformer_lrp.adapters import build_encoder, clip
 from transformer_lrp.conservation import warn_if_off
 from transformer_lrp.errors import InputError
-from transformer_lrp.explanation import ClipExplanation, Explanation
+from transformer_lrp.explanation import ClipExplanation, Explanation, GenerationExplanation
 from transformer_lrp.targets import Continuation, Contrast
 
 ClsRelevance = Literal["keep", "zero", "min"]
@@ -311,11 +311,118 @@ def _explain_language_model(enc, inputs, target, method, start, normalize_rows, 
     key_mask = emb.key_mask if emb.row_sample is None or emb.key_mask is None else emb.key_mask[emb.row_sample]
     relevance = out.row.detach() if key_mask is None else out.row.detach().masked_fill(~key_mask, 0)
     ids = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
-    result = dict(relevance=relevance, target=out.target, logits=out.logits, position=emb.pool_index)
+    result = dict(relevance=relevance, target=out.target, logits=out.logits, position=emb.pool_index,
+                  first_token_share=first_token_share(relevance, key_mask))
     if continuation:  # rows → [B, C, …], −1 where a ragged continuation has no token
         result = {k: _unflatten(v, slot, batch, width) for k, v in result.items()}
     return Explanation(method=method, modality="text", attention_mask=emb.key_mask, conservation=out.conservation,
                        input_ids=ids, versus=versus, **result)
+
+
+def explain_generation(
+    model: nn.Module,
+    inputs: dict,
+    max_new_tokens: int = 32,
+    answer: torch.Tensor | list | None = None,
+    method: str = "transformer_attribution",
+    *,
+    start_layer: int = 0,
+    normalize_rows: bool = False,
+    backend: str | None = None,
+    eos_token_id: int | list[int] | None = None,
+) -> GenerationExplanation:
+    r"""Explain what a decoder LLM says, token by token: the relevance of every input token (the prompt and the
+    answer's earlier tokens) for every answer token, `[B, n_out, n_in]`.
+
+    The answer is generated greedily (``model.generate``, ``do_sample=False``) up to ``max_new_tokens`` and its first
+    end-of-sequence token, or given (``answer``: `[B, n_out]` ids or a list of lists). Then one forward runs over
+    prompt + answer and one reverse sweep over the answer tokens' rows, all sharing that forward
+    (:class:`~transformer_lrp.targets.Continuation`), not one explanation per token.
+
+    Args:
+        model: a stock ``*ForCausalLM`` (or ``GPT2LMHeadModel``) of a supported family.
+        inputs: the tokenizer's output for the prompts (``input_ids``, ``attention_mask``; left or right padding).
+        max_new_tokens: the longest answer generated (ignored with ``answer``). Default: 32.
+        answer: the answer to explain instead of generating one.
+        method, start_layer, normalize_rows, backend: as in :func:`explain`.
+        eos_token_id: where an answer ends (default: the model's generation config).
+
+    Returns:
+        A :class:`~transformer_lrp.explanation.GenerationExplanation`.
+    """
+    from transformer_lrp.adapters import decoder
+
+    if not (isinstance(model, nn.Module) and decoder.matches(model) and decoder.is_language_model(model)):
+        raise InputError(f"explain_generation takes a decoder language model (*ForCausalLM of "
+                         f"{sorted(decoder.FAMILIES)}), got {type(model).__name__}")
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs}
+    if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
+        raise InputError("explain_generation takes the tokenizer's output: a mapping with 'input_ids' and "
+                         "'attention_mask'")
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    if answer is None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        answer_ids, answer_mask = _greedy_answer(model, ids, mask, max_new_tokens, eos_token_id)
+    else:
+        answer_ids, answer_mask = answer, None
+    e = explain(model, {"input_ids": ids, "attention_mask": mask.long()}, Continuation(answer_ids, answer_mask),
+                method, start_layer=start_layer, normalize_rows=normalize_rows, backend=backend)
+    full_ids = e.input_ids
+    real = e.attention_mask if e.attention_mask is not None else torch.ones_like(full_ids, dtype=torch.bool)
+    rows = e.target >= 0
+    # the prompt's tokens: the real tokens before each sample's first explained position + 1
+    first_answer = e.position[:, 0] + 1
+    prompt_mask = real & (torch.arange(full_ids.shape[1], device=full_ids.device)[None] < first_answer[:, None])
+    explained = e.logits.gather(-1, e.target.clamp(min=0)[..., None])[..., 0].masked_fill(~rows, 0)
+    return GenerationExplanation(relevance=e.relevance, input_ids=full_ids, attention_mask=real,
+                                 prompt_mask=prompt_mask, answer_ids=e.target, answer_mask=rows,
+                                 explained_logit=explained, position=e.position,
+                                 first_token_share=e.first_token_share, method=e.method)
+
+
+def _greedy_answer(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_token_id):
+    """Greedy answers (``model.generate`` on the prompts left-padded, as generation needs), each cut after its first
+    end-of-sequence token: ``([B, n_out] ids, [B, n_out] mask)``."""
+    from transformers import GenerationConfig
+
+    b, n = ids.shape
+    lengths = mask.sum(1)
+    left_ids = torch.zeros_like(ids)
+    left_mask = torch.zeros_like(ids)
+    for i in range(b):
+        left_ids[i, n - int(lengths[i]):] = ids[i][mask[i]]
+        left_mask[i, n - int(lengths[i]):] = 1
+    eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, (list, tuple)) else eos)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                              pad_token_id=pad if pad is not None else 0)
+    with torch.no_grad():
+        out = model.generate(input_ids=left_ids, attention_mask=left_mask, generation_config=config)
+    answer = out[:, n:]
+    ends = torch.tensor(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]),
+                        device=answer.device)
+    is_end = torch.isin(answer, ends) if ends.numel() else torch.zeros_like(answer, dtype=torch.bool)
+    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # the end token itself stays
+    keep = ~after_end
+    if answer.shape[1] == 0 or not bool(keep.any(1).all()):
+        raise InputError("the model generated no answer token")
+    return answer.masked_fill(~keep, 0), keep
+
+
+def first_token_share(relevance: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the first real token's share of the total absolute relevance: decoder LLMs put much attention on it
+    (an attention sink), which the maps then show."""
+    first = torch.zeros(relevance.shape[0], dtype=torch.long, device=relevance.device) if key_mask is None \
+        else key_mask.long().argmax(dim=1)
+    magnitude = relevance.abs()
+    total = magnitude.sum(dim=1)
+    at_first = magnitude.gather(1, first[:, None])[:, 0]
+    return torch.where(total > 0, at_first / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
 
 
 def _unflatten(v: torch.Tensor, slot: torch.Tensor, batch: int, width: int) -> torch.Tensor:

@@ -34,6 +34,9 @@ class Explanation:
             :class:`~transformer_lrp.targets.Continuation`, the prompt followed by the continuation, left-padded).
         position: decoder LLMs: `[B]` (or `[B, C]`), the position whose next-token logit is explained.
         versus: a :class:`~transformer_lrp.targets.Contrast`'s other token `[B]`.
+        first_token_share: decoder LLMs: `[B]` (or `[B, C]`), the first real token's share of the total absolute
+            relevance: language models put much attention on it (an attention sink, docs/method.md §2.14), so a map
+            may be dominated by it; ``top_tokens(k, exclude_first=True)`` and the pictures can leave it out.
 
     With a :class:`~transformer_lrp.targets.Continuation`, ``relevance`` is `[B, C, T]` (one row per continuation
     token), ``target`` and ``position`` `[B, C]` (−1 where a ragged continuation has no token) and ``logits``
@@ -53,6 +56,25 @@ class Explanation:
     input_ids: torch.Tensor | None = None
     position: torch.Tensor | None = None
     versus: torch.Tensor | None = None
+    first_token_share: torch.Tensor | None = None
+
+    def top_tokens(self, k: int = 5, exclude_first: bool = False) -> torch.Tensor:
+        """Text: the positions of the ``k`` most relevant real tokens per row, `[..., k]` (``exclude_first``: the
+        first real token, a decoder's attention sink, is never picked)."""
+        if self.modality != "text":
+            raise ValueError("top_tokens() needs a text explanation")
+        r = self.relevance.clone()
+        mask = self.attention_mask
+        if mask is not None:
+            while mask.dim() < r.dim():
+                mask = mask.unsqueeze(-2)
+            r = r.masked_fill(~mask.expand_as(r), float("-inf"))
+        if exclude_first:
+            first = (torch.zeros(r.shape[0], dtype=torch.long, device=r.device) if self.attention_mask is None
+                     else self.attention_mask.long().argmax(dim=1))
+            index = first.view(-1, *([1] * (r.dim() - 1))).expand(*r.shape[:-1], 1)
+            r = r.scatter(-1, index, float("-inf"))
+        return r.topk(min(k, r.shape[-1]), dim=-1).indices
 
     def __len__(self) -> int:
         return self.relevance.shape[0]
@@ -146,3 +168,46 @@ class ClipExplanation:
 
     def image_maps(self, size: int | tuple[int, int] | None = None, normalize: bool = True) -> torch.Tensor:
         return self.image.image_maps(size, normalize)
+
+
+@dataclass
+class GenerationExplanation:
+    r"""What a decoder LLM's answer was made of, token by token (``explain_generation``).
+
+    Attributes:
+        relevance: `[B, n_out, N]`: for each answer token, the relevance of every input position (the prompt and the
+            answer's earlier tokens; later positions and padding are 0).
+        input_ids: `[B, N]`: the prompt followed by the answer, left-padded.
+        attention_mask: `[B, N]` bool, the real tokens.
+        prompt_mask: `[B, N]` bool, the prompt's tokens (the rest of the real tokens are the answer's).
+        answer_ids: `[B, n_out]` token ids, −1 after a sample's answer ended (its end-of-sequence token included).
+        answer_mask: `[B, n_out]` bool.
+        explained_logit: `[B, n_out]`, each answer token's logit at the position before it.
+        position: `[B, n_out]`, that position.
+        first_token_share: `[B, n_out]`, the first real token's share of the absolute relevance (attention sink).
+        method: the method's name.
+    """
+
+    relevance: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_mask: torch.Tensor
+    answer_ids: torch.Tensor
+    answer_mask: torch.Tensor
+    explained_logit: torch.Tensor
+    position: torch.Tensor
+    first_token_share: torch.Tensor
+    method: str
+
+    def __len__(self) -> int:
+        return self.relevance.shape[0]
+
+    def matrix(self, sample: int = 0, exclude_first: bool = False) -> torch.Tensor:
+        """`[n_answer, n_real]`: sample ``sample``'s answer tokens × its real input tokens (prompt, then answer),
+        the padding dropped (``exclude_first``: the first real token's column, the attention sink, set to 0)."""
+        rows = self.relevance[sample][self.answer_mask[sample]]
+        out = rows[:, self.attention_mask[sample]]
+        if exclude_first:
+            out = out.clone()
+            out[:, 0] = 0
+        return out
