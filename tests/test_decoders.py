@@ -240,3 +240,35 @@ def test_input_errors():
     nopad.config.pad_token_id = None
     with pytest.raises(InputError, match="no pad_token_id"):
         tl.explain(nopad, inputs)
+
+
+def test_explain_generation_matrix():
+    """An answer generated greedily (equal to model.generate's) and explained token by token in one sweep: each row
+    equals explaining that token after the prompt and the answer's earlier tokens, and a prompt inside a
+    right-padded batch gets the matrix it gets alone."""
+    model, inputs = D.causal_lm("gemma3"), D.batch((7, 4), padding="right")
+    g = tl.explain_generation(model, inputs, max_new_tokens=3, method="gae", eos_token_id=2)
+    assert g.relevance.shape[:2] == (2, 3) and bool(g.answer_mask.all())
+    for i in range(2):
+        prompt = D.sample(inputs, i)["input_ids"]
+        with torch.no_grad():
+            greedy = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
+                                    do_sample=False, eos_token_id=2, pad_token_id=0)[0, prompt.shape[1]:]
+        assert torch.equal(g.answer_ids[i], greedy)
+        alone = tl.explain_generation(model, D.sample(inputs, i), answer=greedy[None], method="gae")
+        assert _relative(g.matrix(i), alone.matrix(0)) < 1e-10
+        for j in range(3):
+            ids = torch.cat([prompt[0], greedy[:j]])[None]
+            single = tl.explain(model, {"input_ids": ids}, int(greedy[j]), method="gae")
+            assert _relative(g.matrix(i)[j, : ids.shape[1]], single.relevance[0]) < 1e-10
+        assert int(g.prompt_mask[i].sum()) == prompt.shape[1]
+
+
+def test_explain_generation_errors():
+    model, inputs = D.causal_lm("llama"), D.batch()
+    with pytest.raises(InputError, match="max_new_tokens must be a positive int"):
+        tl.explain_generation(model, inputs, max_new_tokens=0)
+    with pytest.raises(InputError, match="decoder language model"):
+        tl.explain_generation(D.classifier("llama"), inputs)
+    with pytest.raises(InputError, match="a prompt has no token"):
+        tl.explain_generation(model, {"input_ids": torch.zeros(1, 0, dtype=torch.long)}, answer=[[1]])

@@ -229,6 +229,8 @@ def _with_continuation(inputs: object, cont: Continuation, vocab: int) -> tuple[
     b, device = ids.shape[0], ids.device
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.to(device).bool()
+    if b == 0 or ids.shape[1] == 0 or bool((mask.sum(1) == 0).any()):
+        raise InputError("a prompt has no token: a continuation is explained after at least one prompt token")
     tokens, cmask = cont.tokens, cont.mask
     if isinstance(tokens, (list, tuple)):
         rows = [list(r) for r in tokens] if tokens and isinstance(tokens[0], (list, tuple)) else [list(tokens)] * b
