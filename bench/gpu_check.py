@@ -891,9 +891,9 @@ def dry_run(command: str) -> int:
         # a stage after the warm stage compiles nothing if Triton's cache serves it; the estimate assumes it does
         # not (the worst case), and says so
         parallel = stage.parallel()
-        if stage.per_worker is not None:  # workers in one wave: the busiest one's own compilations
-            per_worker = [[k for k in jobs if k not in done] for jobs in stage.per_worker()]
-            compile_s = max((len(j) for j in per_worker), default=0) * cost
+        if stage.per_worker is not None:  # workers run `parallel` at a time: each wave waits for its busiest
+            counts = sorted((len([k for k in jobs if k not in done]) for jobs in stage.per_worker()), reverse=True)
+            compile_s = sum(counts[i] for i in range(0, len(counts), parallel)) * cost
         else:
             compile_s = len(fresh) * cost / parallel
         est = compile_s + stage.other_s()

@@ -49,7 +49,9 @@ def explain(
             ``None`` (each sample's argmax), an ``int`` for all samples (numpy integers too), or `[B]` per-sample
             classes (a tensor, a list or a numpy integer array). Default: ``None``.
         method: ``"transformer_attribution"`` (the paper; alias ``"grad"``), ``"gae"``, ``"rollout"``,
-            ``"raw_attention"``, ``"attention_gradcam"``, ``"partial_lrp"`` or ``"full_lrp"``.
+            ``"raw_attention"``, ``"attention_gradcam"``, ``"partial_lrp"``, ``"full_lrp"``, ``"attnlrp"`` (AttnLRP,
+            Achtibat et al. 2024, as LXT applies it: a modified gradient, relevance = input ⊙ gradient, the logit
+            put in) or ``"cp_lrp"`` (CP-LRP, Ali et al. 2022: the attention and the gate held constant).
             Default: ``"transformer_attribution"``.
         start_layer: first block aggregated by ``transformer_attribution``, ``gae`` and ``rollout``; blocks below
             it are skipped (and cost no gradient or relevance). Negative values count from the end
@@ -141,7 +143,7 @@ def _explain(enc, inputs, target_t, method, start, normalize_rows, cls_relevance
         warn_if_off(out.conservation, method, stacklevel=frames_to_caller)
 
     if enc.modality == "vision":
-        if method == "full_lrp":
+        if out.pixels is not None:  # full LRP, AttnLRP, CP-LRP: relevance down to the pixels
             relevance, pixels = out.patch_tokens, out.pixels
         else:
             relevance, pixels = out.row[:, enc.num_prefix_tokens :], None

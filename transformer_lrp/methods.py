@@ -30,7 +30,11 @@ METHODS = (
     "attention_gradcam",
     "partial_lrp",
     "full_lrp",
+    "attnlrp",
+    "cp_lrp",
 )
+# Methods whose relevance is read at the input as input ⊙ a modified gradient (docs/method.md §12).
+MODIFIED_GRADIENT = ("attnlrp", "cp_lrp")
 # Methods that aggregate over blocks start_layer … L-1; the others read the last block (or all, for full LRP).
 LAYERED = ("transformer_attribution", "gae", "rollout")
 # The original code's legacy name for the method.
@@ -123,6 +127,29 @@ def run(
 
     if method == "attention_gradcam":
         return _attention_gradcam(enc, emb, target, check_target, method_rules, versus)
+
+    if method in MODIFIED_GRADIENT:
+        # AttnLRP / CP-LRP as modified gradients: one forward, the head's modified gradient by autograd, then the
+        # gradient alone through every block under the rule set's modifications; relevance = input ⊙ gradient
+        rules = sweep.Rules(method=True, backend=backend, modified=method)
+        x, caches, rows = sweep.forward(enc, emb, 0, True, backend)
+        top = sweep.per_row(x, rows_of)
+        logits, head, t, grad = sweep.head_gradient(enc, top, rows, target, check_target, emb.pool_index, versus,
+                                                    modified=True)
+        if observe is not None:
+            observe("head", top * grad)
+        d_in, _ = sweep.reverse(enc, caches, grad, None, emb.key_mask, rules, None, None, False, -1, observe,
+                                rows_of)
+        with torch.no_grad():
+            tokens, patches = emb.from_gradient(d_in)
+        vision = enc.modality == "vision"
+        # the gradient 1 at the explained logit puts in the logit itself as relevance (gradient × input)
+        kept = None if versus is not None else measure(logits, t, sweep.explained_logit(logits, t, None),
+                                                       (patches if vision else tokens)[..., None],
+                                                       tokens if vision else None)
+        if vision:
+            return MethodOutput(torch.empty(0), logits, t, pixels=tokens, patch_tokens=patches, conservation=kept)
+        return MethodOutput(tokens, logits, t, conservation=kept)
 
     if method == "partial_lrp":
         # the last block's mean_h (R_A)⁺ at the CLS row, R_A under the baselines' rules

@@ -36,6 +36,7 @@ from transformer_lrp.ops import (
     clone_relevance,
     gate_grad,
     gate_relevance,
+    identity_rule_grad,
     layernorm_relevance,
     linear_alpha1beta0,
     linear_alpha1beta0_separate,
@@ -48,6 +49,8 @@ from transformer_lrp.ops import (
     select_relevance,
     z_add,
 )
+from transformer_lrp.ops.activation import IDENTITY_RULE_EPS
+from transformer_lrp.ops.layernorm import norm_with_constant_scale
 
 # ---------------------------------------------------------------------------------------------------- rules
 
@@ -60,6 +63,35 @@ class Rules:
 
     method: bool
     backend: str = "torch"
+    # "attnlrp" | "cp_lrp": the rule set is a modified gradient (docs/method.md §12): the sweep carries that gradient
+    # alone, and the relevance is read at the input as input ⊙ gradient
+    modified: str | None = None
+
+    @property
+    def attention_grad_scale(self) -> tuple[float, float, float] | None:
+        """AttnLRP: the uniform rule on A·V (½ to A and to V) and on Q·Kᵀ (½ of A's to each): q, k ¼, v ½.
+        CP-LRP: the attention held constant: q, k nothing, v the whole gradient."""
+        return {"attnlrp": (0.25, 0.25, 0.5), "cp_lrp": (0.0, 0.0, 1.0)}.get(self.modified)
+
+    def activation_grad(self, name: str, x: torch.Tensor, grad):
+        """``grad ⊙ act'(x)``, or under a modified gradient the identity rule's ``grad ⊙ act(x) / (x + 1e-10)``."""
+        if grad is None or self.modified is None:
+            return _activation_grad(name, x, grad)
+        return identity_rule_grad(x, ACTIVATIONS[name](x), grad)
+
+    def gate_grads(self, name: str, gate: torch.Tensor, up: torch.Tensor, grad):
+        """``(dL/dgate, dL/dup)`` of ``a = act(gate) ⊙ up``: the true gradient; AttnLRP's (the product's gradient
+        halved, the identity rule through the activation); CP-LRP's (the gate constant: nothing to it, the whole
+        gradient to ``up``)."""
+        if grad is None:
+            return None, None
+        act = ACTIVATIONS[name](gate)
+        if self.modified == "cp_lrp":
+            return None, grad * act
+        d_s, d_up = gate_grad(grad, act, up)
+        if self.modified == "attnlrp":
+            return identity_rule_grad(gate, act, d_s * 0.5), d_up * 0.5
+        return _activation_grad(name, gate, d_s), d_up
 
     def linear(self, x: torch.Tensor, spec: LinearSpec, rel, grad, out: torch.Tensor):
         """``(R_x, dL/dx)`` of ``out = x Wᵀ + b``."""
@@ -88,10 +120,12 @@ class Rules:
         the add."""
         if grad is not None:
             backend = self.backend
-            if backend == "cuda" and (v is None or rel is None):  # the CUDA C++ kernel covers the split case only
+            if backend == "cuda" and (v is None or rel is None or self.modified):  # the CUDA C++ kernel covers the
+                # split case of the true gradient only
                 backend = route("layernorm_relevance_unsplit", backend, (u,))
             return layernorm_relevance(u, v, norm.weight, norm.bias, norm.eps, grad, rel, grad_res, rel_res,
-                                       backend=backend, rms=norm.rms, weight_offset=norm.weight_offset)
+                                       backend=backend, rms=norm.rms, weight_offset=norm.weight_offset,
+                                       detach_scale=self.modified is not None)
         if rel is None:
             return None, None, None
         z = u if v is None else u + v
@@ -314,12 +348,31 @@ def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-def _head_layer(kind: str, layer, h: torch.Tensor) -> torch.Tensor:
+def _head_layer(kind: str, layer, h: torch.Tensor, modified: bool = False) -> torch.Tensor:
+    """One head layer; ``modified``: its value, with the modified gradient of AttnLRP/CP-LRP (the identity rule through
+    activations and soft-capping, norms with their scale held constant)."""
+    if kind == "act" and layer == "l2_normalize" and modified:  # a norm: its scale 1/‖h‖ held constant
+        return _with_gradient_of(ACTIVATIONS[layer](h), h / h.norm(dim=-1, keepdim=True).detach())
     if kind == "act":
-        return ACTIVATIONS[layer](h)
-    if kind == "softcap":
-        return _softcap(h, layer)
-    return layer(h)
+        y = ACTIVATIONS[layer](h)
+    elif kind == "softcap":
+        y = _softcap(h, layer)
+    elif kind == "norm" and modified:
+        return _with_gradient_of(layer(h), _constant_scale(layer, h))
+    else:
+        return layer(h)
+    if modified:  # x · (act(x) / (x + 1e-10)) as the gradient's path, the true value forward
+        return _with_gradient_of(y, h * (y / (h + IDENTITY_RULE_EPS)).detach())
+    return y
+
+
+def _with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value`` forward, ``surrogate``'s gradient backward."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def _constant_scale(norm: NormSpec, x: torch.Tensor) -> torch.Tensor:
+    return norm_with_constant_scale(x, norm.weight, norm.bias, norm.eps, norm.rms, norm.weight_offset)
 
 
 def per_row(x: torch.Tensor, row_sample: torch.Tensor | None) -> torch.Tensor:
@@ -328,10 +381,12 @@ def per_row(x: torch.Tensor, row_sample: torch.Tensor | None) -> torch.Tensor:
 
 
 def head_forward(enc: EncoderSpec, x: torch.Tensor, rows: list[int] | None,
-                 pool: torch.Tensor | None = None) -> tuple[torch.Tensor, Head]:
+                 pool: torch.Tensor | None = None, modified: bool = False) -> tuple[torch.Tensor, Head]:
     """``pool``: the per-sample token the head reads (``Embedded.pool_index``), else each branch's own token. ``x``
-    has one entry per explained row (``per_row``)."""
-    tokens = enc.final_norm(x) if enc.final_norm is not None else x
+    has one entry per explained row (``per_row``). ``modified``: with AttnLRP's modified gradient (``_head_layer``)."""
+    tokens = x
+    if enc.final_norm is not None:
+        tokens = _head_layer("norm", enc.final_norm, x, modified)
     head = Head(rows, tokens, pool)
     logits = None
     for branch in enc.head:
@@ -340,7 +395,7 @@ def head_forward(enc: EncoderSpec, x: torch.Tensor, rows: list[int] | None,
         ins, outs = [], []
         for kind, layer in branch.layers:
             ins.append(h)
-            h = _head_layer(kind, layer, h)
+            h = _head_layer(kind, layer, h, modified)
             outs.append(h)
         head.inputs.append(ins)
         head.outputs.append(outs)
@@ -357,11 +412,12 @@ def explained_logit(logits: torch.Tensor, target: torch.Tensor, versus: torch.Te
 
 
 def head_gradient(enc: EncoderSpec, x: torch.Tensor, rows: list[int] | None, target, check_target,
-                  pool: torch.Tensor | None = None, versus: torch.Tensor | None = None):
-    """The head on the encoder output, differentiated by autograd: ``(logits, head, target, ∂y_t/∂x)``."""
+                  pool: torch.Tensor | None = None, versus: torch.Tensor | None = None, modified: bool = False):
+    """The head on the encoder output, differentiated by autograd: ``(logits, head, target, ∂y_t/∂x)`` (``modified``:
+    AttnLRP's and CP-LRP's modified gradient)."""
     top = x.detach().requires_grad_(True)
     with torch.enable_grad(), record_function("tlrp::head_gradient"):
-        logits, head = head_forward(enc, top, rows, pool)
+        logits, head = head_forward(enc, top, rows, pool, modified)
         t = check_target(logits, target)
         grad = torch.autograd.grad(explained_logit(logits, t, versus).sum(), top)[0]
     head.pooled = head.pooled.detach()
@@ -481,19 +537,16 @@ def mlp_input_backward(blk: BlockSpec, c: BlockCache, h2: torch.Tensor | None, r
     the product ``act(gate) ⊙ up`` between its factors (``Rules.gate``); the activation is an identity for relevance
     and the two projections read copies of ``h2`` (clone)."""
     if not blk.gated:
-        return rules.linear(h2, blk.fc1, r_act, _activation_grad(blk.act, c.fc1_out, d_act), c.fc1_out)
+        return rules.linear(h2, blk.fc1, r_act, rules.activation_grad(blk.act, c.fc1_out, d_act), c.fc1_out)
     gate, up = c.fc1_out.chunk(2, dim=-1) if blk.fused_gate_up else (c.gate_out, c.fc1_out)
     r_gate, r_up = rules.gate(r_act) if r_act is not None else (None, None)
-    d_gate = d_up = None
-    if d_act is not None:
-        d_s, d_up = gate_grad(d_act, ACTIVATIONS[blk.act](gate), up)
-        d_gate = _activation_grad(blk.act, gate, d_s)
+    d_gate, d_up = rules.gate_grads(blk.act, gate, up, d_act)
     if blk.fused_gate_up:  # fc1 gives [gate; up]
         return rules.linear(h2, blk.fc1, _cat(r_gate, r_up), _cat(d_gate, d_up), c.fc1_out)
     r_hg, d_hg = rules.linear(h2, blk.gate, r_gate, d_gate, c.gate_out)
     r_hu, d_hu = rules.linear(h2, blk.fc1, r_up, d_up, c.fc1_out)
     r_h2 = None if r_act is None else clone_relevance(h2, *(r for r in (r_hg, r_hu) if r is not None))
-    return r_h2, (None if d_act is None else d_hg + d_hu)
+    return r_h2, (None if d_act is None else _plus(d_hu, d_hg) if d_hg is not None else d_hu)
 
 
 def to_attention_output(blk: BlockSpec, c: BlockCache, grad, rel, rules: Rules):
@@ -564,12 +617,15 @@ def block_backward(blk: BlockSpec, c: BlockCache, grad, rel, key_mask: torch.Ten
         rel_out=None if r_ctx is None else split_heads(r_ctx, heads, hd), key_mask=key_mask,
         mask_add=blk.mask_add, mask_add_normalized=rules.method, map_mode=map_mode, causal=blk.causal,
         window=blk.window, rollout=None if rollout is None else rollout.rows(c.rows), normalize_rows=normalize_rows,
-        inputs=through, backend=route("attention_relevance", rules.backend, (c.q, c.k)))
+        inputs=through, grad_scale=rules.attention_grad_scale,
+        backend=route("attention_relevance", rules.backend, (c.q, c.k)))
     if rollout is not None:
         rollout.apply(res["rollout_rows"], res["rollout_product"], c.rows)
     if not (through and carried):
         return None, None
     dq, dk, dv = (res.get(f"grad_{n}") for n in ("query", "key", "value"))
+    if rules.modified == "cp_lrp" and dv is not None:  # the attention held constant: no gradient to q and k
+        dq, dk = torch.zeros_like(c.q), torch.zeros_like(c.k)
     rq, rk, rv = (res.get(f"rel_{n}") for n in ("query", "key", "value"))
     if c.rows is not None:  # back to every token: the rows not computed get nothing
         n = c.x.shape[1]
@@ -615,4 +671,6 @@ def reverse(enc: EncoderSpec, caches: dict, grad, rel, key_mask: torch.Tensor | 
                                            rollout, normalize_rows, through)
             if observe is not None and rel is not None:
                 observe(f"block{i}", rel)
+            elif observe is not None and rules.modified is not None and grad is not None:
+                observe(f"block{i}", cache.x * grad)  # a modified gradient's relevance: input ⊙ gradient
     return grad, rel

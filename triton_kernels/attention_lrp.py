@@ -722,9 +722,11 @@ def attention_bwd(
     grad_out: torch.Tensor | None = None, rel_out: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
     mask_add: bool = False, map_mode: str | None = None, rollout: torch.Tensor | None = None,
     normalize_rows: bool = False, want_map: bool = False, inputs: bool = True, mask_add_normalized: bool = True,
-    causal: bool = False, window: int | None = None,
+    causal: bool = False, window: int | None = None, skip_query_grad: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Launcher of the backward; see ``transformer_lrp.ops.attention_relevance`` for the arguments and outputs."""
+    """Launcher of the backward; see ``transformer_lrp.ops.attention_relevance`` for the arguments and outputs.
+    ``skip_query_grad``: ``grad_query`` is not wanted (CP-LRP): the query-tile kernel runs only if something else
+    needs it."""
     q, k, v, out = (_last_dim_contiguous(t) for t in (q, k, v, out))
     b, h, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
@@ -773,7 +775,7 @@ def attention_bwd(
 
     # Query tiles: dQ, R_Q and (normalized rollout) the row sums of E, which the key tiles' weights need first.
     want_rowsum = rolling and normalize_rows
-    if need_grad or need_rel or want_rowsum:
+    if (need_grad and not skip_query_grad) or need_rel or want_rowsum:
         dq = new(b, h, nq, d) if need_grad else dummy
         rq = new(b, h, nq, d) if need_rel else dummy
         rowsum = new(b, h, nq, dtype=acc) if want_rowsum else dummy

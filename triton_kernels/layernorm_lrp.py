@@ -41,6 +41,7 @@ def _ln_rel_pass1_kernel(
     HAS_V: tl.constexpr, HAS_W: tl.constexpr, HAS_GRES: tl.constexpr, HAS_REL: tl.constexpr,
     HAS_RRES: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr, BLOCK_D: tl.constexpr,
     RMS: tl.constexpr = False, W_OFFSET: tl.constexpr = 0.0,  # RMSNorm: no centering, the weight w + W_OFFSET
+    CONST_SCALE: tl.constexpr = False,  # the scale 1/σ held constant (AttnLRP's modified gradient)
 ):
     i_m = tl.program_id(0).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
@@ -61,6 +62,8 @@ def _ln_rel_pass1_kernel(
     if HAS_W:
         b_dy = b_dy * (tl.load(W + o_d, mask=m_d, other=0.0).to(DT) + W_OFFSET)
     c_xhat = tl.sum(b_dy * x_hat, axis=0) / D
+    if CONST_SCALE:  # the gradient of the linear map x ↦ (x − mean)·c (RMSNorm: x·c)
+        c_xhat = 0.0
     if RMS:
         b_dz = (b_dy - x_hat * c_xhat) * rstd
     else:
@@ -126,6 +129,7 @@ def layernorm_relevance_bwd(
     u: torch.Tensor, v: torch.Tensor | None, weight: torch.Tensor | None, ln_eps: float, grad_norm_out: torch.Tensor,
     rel_norm_out: torch.Tensor | None, grad_residual: torch.Tensor | None = None,
     rel_residual: torch.Tensor | None = None, rms: bool = False, weight_offset: float = 0.0,
+    detach_scale: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launcher; see ``transformer_lrp.ops.layernorm_relevance``. All `[B, N, D]` tensors of one shape."""
     shape = u.shape
@@ -149,7 +153,7 @@ def layernorm_relevance_bwd(
             dz, rz, part, d, _eps_tensor(ln_eps, u.dtype, u.device)),
            dict(HAS_V=v2 is not None, HAS_W=weight is not None, HAS_GRES=g_res is not None,
                 HAS_REL=has_rel, HAS_RRES=r_res is not None, SPLIT=split, DT=dt, BLOCK_D=block_d, RMS=rms,
-                W_OFFSET=float(weight_offset)), rows, ("D",))
+                W_OFFSET=float(weight_offset), CONST_SCALE=detach_scale), rows, ("D",))
     if not has_rel:
         return dz.view(shape), None, None
     if not split:

@@ -31,3 +31,13 @@ def patches_to_pixels(
     r_grid = r_patches.transpose(1, 2).reshape(r_patches.shape[0], -1, grid[0], grid[1])
     pixels = patch_embed_zb_relevance(images, conv.weight.detach(), conv.stride, conv.padding, r_grid)
     return pixels.sum(dim=1), r_patches.sum(dim=-1)
+
+
+def gradient_to_pixels(
+    grad_patches: torch.Tensor, patches: torch.Tensor, images: torch.Tensor, conv: nn.Conv2d, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A modified gradient at the patch tokens `[B, P, D]` → (pixels `[B, H, W]`: images ⊙ the gradient through the
+    patch embedding, summed over channels; tokens `[B, P]`: the patch embedding's output ⊙ its gradient)."""
+    g_grid = grad_patches.transpose(1, 2).reshape(grad_patches.shape[0], -1, grid[0], grid[1])
+    g_images = torch.nn.grad.conv2d_input(images.shape, conv.weight.detach(), g_grid, conv.stride, conv.padding)
+    return (images * g_images).sum(dim=1), (patches * grad_patches).sum(dim=-1)

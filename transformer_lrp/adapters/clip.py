@@ -18,8 +18,16 @@ import torch
 from torch import nn
 
 from transformer_lrp.adapters import _checks as chk
-from transformer_lrp.adapters._vision import check_images, patches_to_pixels
-from transformer_lrp.adapters.spec import BlockSpec, Embedded, EncoderSpec, HeadBranch, LinearSpec, NormSpec
+from transformer_lrp.adapters._vision import check_images, gradient_to_pixels, patches_to_pixels
+from transformer_lrp.adapters.spec import (
+    BlockSpec,
+    Embedded,
+    EncoderSpec,
+    HeadBranch,
+    LinearSpec,
+    NormSpec,
+    constant_scale_norm_grad,
+)
 from transformer_lrp.errors import InputError, UnsupportedModelError
 
 
@@ -121,7 +129,11 @@ def _vision_embed(conv: nn.Conv2d, cls: torch.Tensor, pos: torch.Tensor, ln_pre:
             # ln_pre is an identity for relevance; then the position add and the patch embedding's z^B rule
             return patches_to_pixels(add_rule(relevance, u, pos.expand_as(u))[0][:, 1:], x, conv, grid)
 
-        return Embedded(tokens=ln_pre(u + pos), key_mask=None, to_input=to_input)
+        def from_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            g = constant_scale_norm_grad(ln_pre, u + pos, grad)  # ln_pre's scale held constant
+            return gradient_to_pixels(g[:, 1:], u[:, 1:], x, conv, grid)
+
+        return Embedded(tokens=ln_pre(u + pos), key_mask=None, to_input=to_input, from_gradient=from_gradient)
 
     return embed
 
@@ -135,8 +147,13 @@ def _text_embed(word: torch.Tensor, pos: torch.Tensor, eos_of: Callable[[torch.T
         if mask is not None and bool((upto & ~mask).any()):
             raise InputError("attention_mask is 0 before the end-of-text token: only right padding is supported")
         x = word[ids] + pos[: ids.shape[1]]
+        words = word[ids]
+
+        def from_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return (words * grad).sum(dim=-1), None  # the position embeddings keep their share
+
         return Embedded(tokens=x, key_mask=None if bool(upto.all()) else upto, to_input=_text_to_input,
-                        pool_index=eos)
+                        pool_index=eos, from_gradient=from_gradient)
 
     return embed
 

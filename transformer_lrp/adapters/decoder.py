@@ -90,12 +90,19 @@ def build(model: nn.Module) -> EncoderSpec:
         ids, mask = _check_inputs(inputs, word, max_len)
         positions = _positions(mask, ids)
         tokens = embed_of["tokens"](ids, positions)
+        inputs_embeds = embed_of["inputs_embeds"](ids)
+
+        def from_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            # the word embeddings as the model's embedding module returns them (Gemma's scale included) ⊙ the
+            # gradient, summed over the width; GPT-2's position embeddings keep their share
+            return (inputs_embeds * grad).sum(dim=-1), None
+
         if language_model:  # the last real token of each sample: the one whose next-token logits are explained
             pool = _last_real(mask, ids)
         else:  # the models' own pooling: the rightmost token that is not the pad token (input_ids only)
             pool = _sequence_pool(ids, pad_id, type(model).__name__)
         return Embedded(tokens=tokens, key_mask=None if mask is None or bool(mask.all()) else mask,
-                        to_input=_to_input, pool_index=pool, positions=positions)
+                        to_input=_to_input, pool_index=pool, positions=positions, from_gradient=from_gradient)
 
     return EncoderSpec(
         family=f"transformers.{name}",
@@ -209,12 +216,15 @@ def _rope_family(model: nn.Module, layout: str):
     word = base.embed_tokens.weight.detach()
     scale_buffer = getattr(base.embed_tokens, "embed_scale", None)  # Gemma: read, not recomputed (its rounding)
 
-    def tokens(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def inputs_embeds(ids: torch.Tensor) -> torch.Tensor:
         x = word[ids]
         return x if scale_buffer is None else x * scale_buffer.to(word.dtype)
 
+    def tokens(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return inputs_embeds(ids)
+
     final = _rms(base.norm, "model.norm", gemma)
-    return base, blocks, final, {"word": word, "tokens": tokens}
+    return base, blocks, final, {"word": word, "tokens": tokens, "inputs_embeds": inputs_embeds}
 
 
 # ------------------------------------------------------------------------------------------------------- GPT-2
@@ -261,7 +271,7 @@ def _gpt2(model: nn.Module):
         return word[ids] + position[positions]
 
     final = NormSpec.of(chk.expect_layernorm(base.ln_f, "transformer.ln_f"))
-    return base, blocks, final, {"word": word, "tokens": tokens}
+    return base, blocks, final, {"word": word, "tokens": tokens, "inputs_embeds": lambda ids: word[ids]}
 
 
 # ------------------------------------------------------------------------------------------------------ inputs

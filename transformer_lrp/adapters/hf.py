@@ -14,8 +14,16 @@ import torch
 from torch import nn
 
 from transformer_lrp.adapters import _checks as chk
-from transformer_lrp.adapters._vision import check_images, patches_to_pixels
-from transformer_lrp.adapters.spec import BlockSpec, Embedded, EncoderSpec, HeadBranch, LinearSpec, NormSpec
+from transformer_lrp.adapters._vision import check_images, gradient_to_pixels, patches_to_pixels
+from transformer_lrp.adapters.spec import (
+    BlockSpec,
+    Embedded,
+    EncoderSpec,
+    HeadBranch,
+    LinearSpec,
+    NormSpec,
+    constant_scale_norm_grad,
+)
 from transformer_lrp.errors import InputError, UnsupportedModelError
 
 TEXT_FAMILIES = ("BertForSequenceClassification", "RobertaForSequenceClassification",
@@ -125,7 +133,8 @@ def _build_bert_like(model: nn.Module, roberta: bool) -> EncoderSpec:
     def embed(inputs: object) -> Embedded:
         ids, mask, types = _check_text(inputs, word, max_len, token_types=token_type.shape[0])
         x = word[ids] + token_type[types] + position[positions(ids)]
-        return Embedded(tokens=norm(x), key_mask=mask, to_input=_text_to_input)
+        return Embedded(tokens=norm(x), key_mask=mask, to_input=_text_to_input,
+                        from_gradient=_word_relevance(word[ids], norm, x))
 
     return EncoderSpec(
         family=f"transformers.{type(model).__name__}",
@@ -179,7 +188,8 @@ def _build_distilbert(model: nn.Module) -> EncoderSpec:
     def embed(inputs: object) -> Embedded:
         ids, mask, _ = _check_text(inputs, word, position.shape[0], token_types=0)
         x = word[ids] + position[torch.arange(ids.shape[1], device=ids.device)]
-        return Embedded(tokens=norm(x), key_mask=mask, to_input=_text_to_input)
+        return Embedded(tokens=norm(x), key_mask=mask, to_input=_text_to_input,
+                        from_gradient=_word_relevance(word[ids], norm, x))
 
     return EncoderSpec(
         family="transformers.DistilBertForSequenceClassification",
@@ -192,6 +202,16 @@ def _build_distilbert(model: nn.Module) -> EncoderSpec:
         embed=embed,
         max_tokens=int(position.shape[0]),
     )
+
+
+def _word_relevance(words: torch.Tensor, norm: NormSpec, summed: torch.Tensor):
+    """A modified gradient at the encoder input → back through the embedding LayerNorm (scale held constant) → the
+    word embeddings' relevance ``words ⊙ gradient`` summed over the width (position and token-type embeddings keep
+    their share)."""
+    def from_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return (words * constant_scale_norm_grad(norm, summed, grad)).sum(dim=-1), None
+
+    return from_gradient
 
 
 def _text_to_input(relevance: torch.Tensor, add_rule) -> tuple[torch.Tensor, None]:
@@ -317,7 +337,10 @@ def _build_vit(model: nn.Module) -> EncoderSpec:
         def to_input(relevance: torch.Tensor, add_rule) -> tuple[torch.Tensor, torch.Tensor]:
             return patches_to_pixels(add_rule(relevance, u, pos)[0][:, 1:], x, conv, grid)
 
-        return Embedded(tokens=u + pos, key_mask=None, to_input=to_input)
+        def from_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return gradient_to_pixels(grad[:, 1:], patches, x, conv, grid)
+
+        return Embedded(tokens=u + pos, key_mask=None, to_input=to_input, from_gradient=from_gradient)
 
     return EncoderSpec(
         family="transformers.ViTForImageClassification",

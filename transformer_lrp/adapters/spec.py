@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from transformer_lrp.ops.layernorm import rms_norm
+from transformer_lrp.ops.layernorm import layernorm_relevance, rms_norm
 from transformer_lrp.ops.rotary import rotary_cos_sin
 
 Modality = Literal["vision", "text"]
@@ -200,6 +200,17 @@ class Embedded:
     # Explained rows that share a sample's forward (a continuation's tokens): the sample of each row, [R]; then
     # ``pool_index`` is [R] and the reverse sweep runs on R rows. None: one row per sample.
     row_sample: torch.Tensor | None = None
+    # A modified gradient at the encoder input (AttnLRP, CP-LRP) → the relevance at the model's input as input ⊙
+    # gradient: text returns tokens [B, N] (the word embeddings' relevance summed over the width) and None; vision
+    # returns pixels [B, H, W] (summed over channels) and patch tokens [B, P] (the patch embedding's output).
+    from_gradient: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+
+def constant_scale_norm_grad(norm: NormSpec, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient at a norm's input with its scale held constant (AttnLRP's modified gradient through an embedding
+    norm, e.g. BERT's embedding LayerNorm or CLIP's ln_pre)."""
+    return layernorm_relevance(x, None, norm.weight, norm.bias, norm.eps, grad, None, rms=norm.rms,
+                               weight_offset=norm.weight_offset, detach_scale=True, backend="torch")[0]
 
 
 @dataclass

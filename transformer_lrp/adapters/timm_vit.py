@@ -11,8 +11,16 @@ import torch
 from torch import nn
 
 from transformer_lrp.adapters import _checks as chk
-from transformer_lrp.adapters._vision import check_images, patches_to_pixels
-from transformer_lrp.adapters.spec import BlockSpec, Embedded, EncoderSpec, HeadBranch, LinearSpec, NormSpec
+from transformer_lrp.adapters._vision import check_images, gradient_to_pixels, patches_to_pixels
+from transformer_lrp.adapters.spec import (
+    BlockSpec,
+    Embedded,
+    EncoderSpec,
+    HeadBranch,
+    LinearSpec,
+    NormSpec,
+    constant_scale_norm_grad,
+)
 from transformer_lrp.errors import UnsupportedModelError
 
 
@@ -163,8 +171,14 @@ def build(model: nn.Module) -> EncoderSpec:
         else:
             u, v = torch.cat(prefix_tokens + [patches], dim=1), pos
             tokens = u + v
+        before_norm = tokens
         if norm_pre is not None:
             tokens = norm_pre(tokens)
+
+        def from_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # through norm_pre (scale held constant), the position add (the gradient passes), the prefix dropped
+            g = grad if norm_pre is None else constant_scale_norm_grad(norm_pre, before_norm, grad)
+            return gradient_to_pixels(g[:, num_prefix:], patches, x, conv, grid)
 
         def to_input(relevance: torch.Tensor, add_rule) -> tuple[torch.Tensor, torch.Tensor]:
             # Encoder input → patch tokens (through the position-embedding add) → pixels (z^B conv rule).
@@ -176,7 +190,7 @@ def build(model: nn.Module) -> EncoderSpec:
                 r_patches = add_rule(relevance, u, v)[0][:, num_prefix:]
             return patches_to_pixels(r_patches, x, conv, grid)
 
-        return Embedded(tokens=tokens, key_mask=None, to_input=to_input)
+        return Embedded(tokens=tokens, key_mask=None, to_input=to_input, from_gradient=from_gradient)
 
     return EncoderSpec(
         family=f"timm.{type(model).__name__}",

@@ -14,6 +14,7 @@ whose forward is the plain op and whose backward returns relevance, usable insid
 """
 
 from transformer_lrp._numerics import safe_divide
+from transformer_lrp.ops.activation import identity_rule_grad
 from transformer_lrp.ops.attention import (
     AttentionLRPFunction,
     attention_av_relevance,
@@ -62,6 +63,7 @@ __all__ = [
     "lrp_linear",
     "clone_relevance",
     "gate_grad",
+    "identity_rule_grad",
     "gate_relevance",
     "linear_rows_relevance",
     "rms_norm",

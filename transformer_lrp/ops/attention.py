@@ -332,6 +332,7 @@ def attention_relevance(
     mask_add_normalized: bool = True,
     causal: bool = False,
     window: int | None = None,
+    grad_scale: tuple[float, float, float] | None = None,
     backend: str | None = "torch",
 ) -> dict[str, torch.Tensor]:
     r"""Backward of softmax attention carrying gradient and relevance, with the block's map reduced over heads.
@@ -356,6 +357,9 @@ def attention_relevance(
         want_map: also return ``map``, the head mean ``Ē`` `[B, NQ, NK]` (never the per-head maps).
         inputs: ``False``: skip the gradients and relevance of Q, K, V (the lowest block needs only the map).
         causal, window: the forward's causal mask and sliding window (``attention_forward``).
+        grad_scale: factors on ``(grad_query, grad_key, grad_value)``: a modified gradient (AttnLRP's uniform rule
+            on the two products: ``(1/4, 1/4, 1/2)``; CP-LRP's attention held constant: ``(0, 0, 1)``, which leaves
+            out ``grad_query``/``grad_key`` and the work only they need). Default: the true gradient.
         backend: ``"torch"`` (reference, materializes ``A``), ``"triton"``, ``"cuda"`` or ``None`` (automatic).
 
     Returns:
@@ -377,10 +381,25 @@ def attention_relevance(
     if chosen == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_bwd
 
-        return attention_bwd(query, key, value, out, lse, scale, **kwargs)
-    if chosen == "cuda":
-        return _relevance_cuda(query, key, value, out, lse, scale, **kwargs)
-    return attention_relevance_ref(query, key, value, out, lse, scale, **kwargs)
+        result = attention_bwd(query, key, value, out, lse, scale, **kwargs,
+                               skip_query_grad=grad_scale is not None and grad_scale[0] == 0)
+    elif chosen == "cuda":
+        result = _relevance_cuda(query, key, value, out, lse, scale, **kwargs)
+    else:
+        result = attention_relevance_ref(query, key, value, out, lse, scale, **kwargs)
+    return _scaled_gradients(result, grad_scale)
+
+
+def _scaled_gradients(result: dict[str, torch.Tensor], grad_scale) -> dict[str, torch.Tensor]:
+    """A modified gradient's factors on the three gradients; a factor 0 leaves the gradient out."""
+    if grad_scale is None or "grad_value" not in result:
+        return result
+    for name, factor in zip(("grad_query", "grad_key", "grad_value"), grad_scale):
+        if factor == 0:
+            result.pop(name, None)
+        elif factor != 1 and name in result:
+            result[name] = result[name] * factor
+    return result
 
 
 _CUDA_OUTPUTS = ("grad_query", "grad_key", "grad_value", "rel_query", "rel_key", "rel_value", "rollout_rows",

@@ -4,6 +4,9 @@ relevance rules next to it (docs/method.md §2.7 identity, §2.9 clone, §2.8 no
 RMSNorm (the decoder LLMs': ``y = x · rsqrt(mean(x²) + eps) ⊙ (w + offset)``, Gemma's offset 1) is the same op with
 ``rms=True``: its gradient differs, its relevance rule (an identity) does not.
 
+``detach_scale=True`` gives AttnLRP's modified gradient (docs/method.md §12): the norm's scale ``1/σ`` (or
+``rsqrt(mean(x²) + eps)``) held constant, so the gradient is that of a linear map (the centering and the weight).
+
 Pre-LN blocks (ViT): ``z = x + branch`` feeds ``LN`` and the residual, so ``dz = LN'(dY) + d_res`` and
 ``R_z = clone(z; R_LN, R_res)``, then split over ``x`` and ``branch``. Post-LN blocks (BERT): ``y = LN(branch + x)``,
 so ``dz = LN'(dY)`` and ``R_z = R_y``, then split. Without a second summand the op stops at ``R_z``.
@@ -38,6 +41,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weight_of
     return (weight + weight_offset) * h.to(x.dtype) if weight_offset else weight * h.to(x.dtype)
 
 
+def norm_with_constant_scale(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                             rms: bool = False, weight_offset: float = 0.0) -> torch.Tensor:
+    """The norm with its scale detached (AttnLRP's identity rule as a modified gradient): the same value, the
+    gradient of ``(x − mean) · c ⊙ w + b`` (RMSNorm: ``x · c ⊙ (w + offset)``) for the constant ``c``."""
+    acc = torch.float32 if x.dtype in _HALF else x.dtype
+    h = x.to(acc)
+    if rms:
+        scale = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps).detach()
+        out = h * scale
+    else:
+        centered = h - h.mean(-1, keepdim=True)
+        scale = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps).detach()
+        out = centered * scale
+    if weight is not None:
+        out = out * (weight.to(acc) + weight_offset)
+    if bias is not None and not rms:
+        out = out + bias.to(acc)
+    return out.to(x.dtype)
+
+
 def layernorm_relevance_ref(
     u: torch.Tensor,
     v: torch.Tensor | None,
@@ -50,12 +73,15 @@ def layernorm_relevance_ref(
     rel_residual: torch.Tensor | None = None,
     rms: bool = False,
     weight_offset: float = 0.0,
+    detach_scale: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Reference of ``layernorm_relevance``: the norm's gradient by autograd, the relevance by the rules."""
     z = u if v is None else u + v
     with torch.enable_grad():
         leaf = z.detach().requires_grad_(True)
-        if rms:
+        if detach_scale:
+            out = norm_with_constant_scale(leaf, weight, bias, ln_eps, rms, weight_offset)
+        elif rms:
             out = rms_norm(leaf, weight, ln_eps, weight_offset, scale_in_float32=True)
         else:
             out = F.layer_norm(leaf, (z.shape[-1],), weight, bias, ln_eps)
@@ -85,6 +111,7 @@ def layernorm_relevance(
     backend: str | None = "torch",
     rms: bool = False,
     weight_offset: float = 0.0,
+    detach_scale: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     r"""Gradient and relevance at ``z = u + v`` (or ``z = u``), the input of a LayerNorm (or an RMSNorm).
 
@@ -98,6 +125,7 @@ def layernorm_relevance(
             (the same passes in CUDA C++, ``csrc/layernorm_relevance.cu``; the split case: ``v`` and
             ``rel_norm_out`` given) or ``None``.
         rms, weight_offset: an RMSNorm (no centering, no bias) with the weight ``w + weight_offset``.
+        detach_scale: the gradient with the norm's scale held constant (AttnLRP's modified gradient).
 
     Returns:
         ``(dL/dz, R_u, R_v)``; without ``v``: ``(dL/dz, R_z, None)``; without relevance: ``(dL/dz, None, None)``.
@@ -109,15 +137,19 @@ def layernorm_relevance(
         from transformer_lrp.triton_kernels.layernorm_lrp import layernorm_relevance_bwd
 
         return layernorm_relevance_bwd(u, v, weight, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
-                                       rel_residual, rms=rms, weight_offset=weight_offset)
+                                       rel_residual, rms=rms, weight_offset=weight_offset,
+                                       detach_scale=detach_scale)
     if chosen == "cuda":  # csrc/layernorm_relevance.cu, loaded by op_backend
+        if detach_scale:
+            raise NotImplementedError("layernorm_relevance: backend 'cuda' has no constant-scale gradient; the "
+                                      "Triton kernel or the reference runs it")
         if v is None or rel_norm_out is None:
             raise NotImplementedError("layernorm_relevance: backend 'cuda' covers the split case only (v and "
                                       "rel_norm_out given)")
         return tuple(torch.ops.tlrp.layernorm_relevance(u, v, weight, float(ln_eps), grad_norm_out, rel_norm_out,
                                                         grad_residual, rel_residual, rms, float(weight_offset)))
     return layernorm_relevance_ref(u, v, weight, bias, ln_eps, grad_norm_out, rel_norm_out, grad_residual,
-                                   rel_residual, rms, weight_offset)
+                                   rel_residual, rms, weight_offset, detach_scale)
 
 
 class AddLayerNormLRPFunction(torch.autograd.Function):
