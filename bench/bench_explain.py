@@ -200,6 +200,10 @@ def main() -> None:
         (bert, "transformer_attribution", dict(start_layer=0), 2.8),
         (bert, "transformer_attribution", dict(start_layer=L_bert - 1, normalize_rows=True, cls_relevance="min"), 1.3),
         (bert, "gae", dict(start_layer=0), 1.2),
+        (vit, "attnlrp", {}, 1.3),
+        (vit, "cp_lrp", {}, 1.3),
+        (bert, "attnlrp", {}, 1.3),
+        (bert, "cp_lrp", {}, 1.3),
     ]
     print(f"machine: {machine()}; torch {torch.__version__}; {precision}; median of {args.repeats}", flush=True)
     print(f"{'model':<22} {'method':<24} {'settings':<40} {'backend':<7} {'batch':>5} {'explain s':>9} "

@@ -8,6 +8,7 @@ cached ``|W|``) is part of its peak. Appends to ``bench/results/memory_ratio.csv
 
     python3 bench/bench_memory.py                 # BERT-base at 512 tokens, batch 4; ViT-B/16, batch 8; float32
     python3 bench/bench_memory.py --quick         # small models (seconds)
+    python3 bench/bench_memory.py --method attnlrp --bert-seq 128   # AttnLRP, BERT-base at 128 tokens
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from bench_explain import bert_case, machine, save_rows, vit_case  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "memory_ratio.csv"
 GOAL = 1.5
+# the modified-gradient rule sets carry one tensor, as the input gradient does
+GOALS = {"attnlrp": 1.3, "cp_lrp": 1.3}
 
 
 def _status_kb(field: str) -> int:
@@ -62,13 +65,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--method", default="transformer_attribution")
     ap.add_argument("--backend", default="torch")
+    ap.add_argument("--bert-seq", type=int, default=512, help="BERT-base's tokens (default: %(default)s)")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one measurement, printed as JSON
         print(json.dumps(measure(**json.loads(args.child))))
         return
-    cases = [("bert", 4, 512), ("vit", 8, 0)] if not args.quick else [("bert", 2, 64), ("vit", 2, 0)]
+    cases = [("bert", 4, args.bert_seq), ("vit", 8, 0)] if not args.quick else [("bert", 2, 64), ("vit", 2, 0)]
     rows = []
     print(f"machine: {machine()}; float32 CPU; {args.method}, backend={args.backend}; one process per measurement")
     for case, batch, seq in cases:
@@ -80,13 +84,14 @@ def main() -> None:
                                  text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             result[work] = json.loads(out.stdout.strip().splitlines()[-1])
         grad_mb, explain_mb = result["input_gradient"]["peak_mb"], result["explain"]["peak_mb"]
+        goal = GOALS.get(args.method, GOAL)
         ratio = explain_mb / grad_mb
         name = result["explain"]["model"]
         print(f"{name:<24} batch {batch:>3}: input gradient +{grad_mb:8.0f} MB, explain +{explain_mb:8.0f} MB, "
-              f"ratio {ratio:.2f} (goal ≤ {GOAL})")
+              f"ratio {ratio:.2f} (goal ≤ {goal})")
         rows.append(dict(date=datetime.date.today().isoformat(), machine=machine(), model=name, batch=batch,
                          method=args.method, backend=args.backend, input_grad_mb=f"{grad_mb:.0f}",
-                         explain_mb=f"{explain_mb:.0f}", ratio=f"{ratio:.3f}", goal=GOAL, quick=args.quick))
+                         explain_mb=f"{explain_mb:.0f}", ratio=f"{ratio:.3f}", goal=goal, quick=args.quick))
     if not args.no_save:
         save_rows(RESULTS, rows)
 

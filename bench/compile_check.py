@@ -179,7 +179,7 @@ def settings(depth: int) -> list[tuple[str, int, bool]]:
     return [("transformer_attribution", 0, False), ("transformer_attribution", 0, True),
             ("transformer_attribution", depth - 1, True), ("gae", 0, False), ("gae", 0, True), ("rollout", 0, True),
             ("raw_attention", 0, False), ("attention_gradcam", 0, False), ("partial_lrp", 0, False),
-            ("full_lrp", 0, False)]
+            ("full_lrp", 0, False), ("attnlrp", 0, False), ("cp_lrp", 0, False)]
 
 
 def record_case(case: ModelCase, dtype_label: str, arch: int, runs: list | None = None,
@@ -228,7 +228,7 @@ def record_case(case: ModelCase, dtype_label: str, arch: int, runs: list | None 
     with record_launches(arch=arch, tf32=tf32) as rec:
         for key_mask in masks:
             emb = Embedded(tokens, key_mask, to_input=lambda r, rule: (r.sum(-1), None), pool_index=pool,
-                           positions=positions)
+                           positions=positions, from_gradient=lambda g: ((tokens * g).sum(-1), None))
             for method, start, norm in (runs if runs is not None else settings(enc.depth)):
                 start = start + enc.depth if start < 0 else start
                 methods.run(enc, emb, method, None, start, norm, target, backend=backend)
@@ -272,10 +272,16 @@ def record_ops(dtype_label: str, arch: int, batch: int = 8, tokens: int = 197, h
                         backend=attention)
                 except ValueError:  # an invalid combination, refused before any launch
                     pass
+            for scale in ((0.25, 0.25, 0.5), (0.0, 0.0, 1.0)):  # AttnLRP's and CP-LRP's modified gradients
+                ops.attention_relevance(q, q, q, out, lse, 0.125, grad_out=q, key_mask=key_mask, grad_scale=scale,
+                                        backend=attention)
         ops.normalized_add(x, x, x, backend="triton")
         for v, weight, g_res, rel, r_res in itertools.product(*[(False, True)] * 5):
             ops.layernorm_relevance(x, x if v else None, w if weight else None, None, 1e-6, x, x if rel else None,
                                     x if g_res else None, x if (rel and r_res) else None, backend="triton")
+        for v, rms in itertools.product((False, True), (False, True)):  # the scale held constant (AttnLRP)
+            ops.layernorm_relevance(x, x if v else None, w, None, 1e-6, x, None, x, None, backend="triton", rms=rms,
+                                    detach_scale=True)
         for bias, grad in itertools.product((False, True), (False, True)):
             lin = t(3 * heads * head_dim, heads * head_dim)
             y = t(batch, tokens, 3 * heads * head_dim)

@@ -21,7 +21,8 @@ TEXT = {"hf_bert": M.hf_bert, "hf_roberta": M.hf_roberta, "hf_distilbert": M.hf_
 
 
 def _relative(a, b):
-    return float((a - b).abs().max() / b.abs().max().detach())
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize("rules", RULES)
@@ -178,3 +179,25 @@ def test_triton_kernels_equal_the_reference_ops(case, rules, monkeypatch):
     torch.testing.assert_close(out.relevance, ref.relevance, rtol=1e-9, atol=1e-12)
     if ref.pixel_relevance is not None:
         torch.testing.assert_close(out.pixel_relevance, ref.pixel_relevance, rtol=1e-9, atol=1e-12)
+
+
+def test_conservation_warning_for_absorbing_rules():
+    """Under AttnLRP and CP-LRP the biases keep a share, so a total below the logit or of the other sign is by
+    design (no warning); a total beyond the bound in magnitude is warned, pointing at §12.4."""
+    import warnings
+
+    from transformer_lrp.conservation import Conservation, ConservationWarning, warn_if_off
+
+    model = D.causal_lm("llama")  # attention biases: the totals of some prompts come out negative
+    inputs = D.batch((9, 6, 11, 5, 8), padding="left", seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConservationWarning)
+        e = tl.explain(model, inputs, method="cp_lrp")
+    assert e.conservation.absorbing and bool((e.conservation.ratio < 1).any())
+    one = torch.ones(2, dtype=torch.float64)
+    big = Conservation(one, one, torch.tensor([0.5, -500.0], dtype=torch.float64), absorbing=True)
+    assert big.off().tolist() == [False, True]
+    with pytest.warns(ConservationWarning, match=r"§12\.4"):
+        warn_if_off(big, "attnlrp")
+    strict = Conservation(one, one, torch.tensor([0.5, -0.5], dtype=torch.float64))
+    assert strict.off().tolist() == [False, True] and strict.reference.endswith("§10")

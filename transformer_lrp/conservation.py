@@ -43,12 +43,16 @@ class Conservation:
         pixel_total: `[B]` or ``None``; vision: the total on the pixels (the patch tokens after the position
             embedding's share, through the patch embedding's rule). The prefix tokens' relevance (CLS,
             registers) and the position embedding's share do not reach the pixels.
+        absorbing: the rules let biases, position embeddings and (AttnLRP) the softmax rule's bias term keep
+            part of the relevance (AttnLRP, CP-LRP, docs/method.md §12.4): a total below what was put in, or of the
+            other sign, is by design, and only a total beyond the bound in magnitude counts as off.
     """
 
     explained_logit: torch.Tensor
     initial_relevance: torch.Tensor
     token_total: torch.Tensor
     pixel_total: torch.Tensor | None = None
+    absorbing: bool = False
 
     @property
     def relevance_total(self) -> torch.Tensor:
@@ -61,9 +65,17 @@ class Conservation:
         return self.relevance_total / self.initial_relevance
 
     def off(self, bound: float = CONSERVATION_BOUND) -> torch.Tensor:
-        """`[B]` bool: the ratio is outside ``[1/bound, bound]`` (a negative ratio is outside too)."""
+        """`[B]` bool: the ratio is outside ``[1/bound, bound]`` (a negative ratio is outside too); for
+        ``absorbing`` rules, its magnitude is beyond ``bound``."""
         r = self.ratio
+        if self.absorbing:
+            return ~(r.abs() <= bound)
         return ~((r >= 1 / bound) & (r <= bound))
+
+    @property
+    def reference(self) -> str:
+        """The docs section that explains an off total."""
+        return "docs/method.md §12.4" if self.absorbing else "docs/method.md §10"
 
     @property
     def location(self) -> str:
@@ -72,7 +84,8 @@ class Conservation:
 
 
 def measure(logits: torch.Tensor, target: torch.Tensor, initial_relevance: torch.Tensor,
-            token_relevance: torch.Tensor, pixel_relevance: torch.Tensor | None = None) -> Conservation:
+            token_relevance: torch.Tensor, pixel_relevance: torch.Tensor | None = None,
+            absorbing: bool = False) -> Conservation:
     """The per-sample totals of one explanation: ``token_relevance`` `[B, N, ...]` at the encoder input,
     ``pixel_relevance`` `[B, ...]` on the pixels (vision), against ``initial_relevance`` `[B]` put in at the logit
     ``logits[b, target[b]]``. Sums run in float64 (the totals are sums of large terms of both signs)."""
@@ -85,6 +98,7 @@ def measure(logits: torch.Tensor, target: torch.Tensor, initial_relevance: torch
         initial_relevance=initial_relevance.detach().double(),
         token_total=total(token_relevance),
         pixel_total=None if pixel_relevance is None else total(pixel_relevance),
+        absorbing=absorbing,
     )
 
 
@@ -98,9 +112,15 @@ def warn_if_off(conservation: Conservation, method: str, stacklevel: int = 2,
     samples = off.nonzero()[:, 0].tolist()
     shown = ", ".join(f"{float(ratio[i]):.3g}× (sample {i})" for i in samples[:4])
     more = "" if len(samples) <= 4 else f" and {len(samples) - 4} more samples"
+    if conservation.absorbing:
+        rule = (f"warned beyond {bound:g}× in magnitude; below 1× is by design, the biases keep a share). A total "
+                "that large comes from near-cancelling terms (e.g. an activation's input near 0 in the identity "
+                "rule), not from what the logit is made of")
+    else:
+        rule = (f"warned when negative or beyond {bound:g}× either way). Such a map shows how the rules multiply and "
+                "amplify relevance more than what the logit is made of")
     warnings.warn(
         f"{method}: relevance is not conserved: what reaches {conservation.location} totals {shown}{more} the "
-        f"relevance put in at the explained logit (a conservative method gives 1×; warned when negative or beyond "
-        f"{bound:g}× either way). Such a map shows how the rules multiply and amplify relevance more than what the "
-        "logit is made of: see docs/method.md §10; Explanation.conservation has the totals",
+        f"relevance put in at the explained logit (a conservative method gives 1×; {rule}: see "
+        f"{conservation.reference}; Explanation.conservation has the totals",
         ConservationWarning, stacklevel=stacklevel + 1)

@@ -146,7 +146,7 @@ def run(
         # the gradient 1 at the explained logit puts in the logit itself as relevance (gradient × input)
         kept = None if versus is not None else measure(logits, t, sweep.explained_logit(logits, t, None),
                                                        (patches if vision else tokens)[..., None],
-                                                       tokens if vision else None)
+                                                       tokens if vision else None, absorbing=True)
         if vision:
             return MethodOutput(torch.empty(0), logits, t, pixels=tokens, patch_tokens=patches, conservation=kept)
         return MethodOutput(tokens, logits, t, conservation=kept)

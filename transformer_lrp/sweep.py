@@ -624,8 +624,8 @@ def block_backward(blk: BlockSpec, c: BlockCache, grad, rel, key_mask: torch.Ten
     if not (through and carried):
         return None, None
     dq, dk, dv = (res.get(f"grad_{n}") for n in ("query", "key", "value"))
-    if rules.modified == "cp_lrp" and dv is not None:  # the attention held constant: no gradient to q and k
-        dq, dk = torch.zeros_like(c.q), torch.zeros_like(c.k)
+    if rules.modified == "cp_lrp":  # the attention held constant: no gradient to q and k (their projections skipped)
+        dq = dk = None
     rq, rk, rv = (res.get(f"rel_{n}") for n in ("query", "key", "value"))
     if c.rows is not None:  # back to every token: the rows not computed get nothing
         n = c.x.shape[1]
@@ -637,13 +637,21 @@ def block_backward(blk: BlockSpec, c: BlockCache, grad, rel, key_mask: torch.Ten
     if blk.fused_qkv:  # one projection gives [q | k | v]
 
         def joined(a, b_, c_):
-            return None if a is None else torch.cat([merge_heads(t) for t in (a, b_, c_)], dim=-1)
+            if c_ is None:
+                return None
+            v = merge_heads(c_)
+            if a is None:  # CP-LRP: zeros for q and k, the width of the projection's q and k rows
+                return torch.cat([v.new_zeros(*v.shape[:-1], blk.qkv[0].weight.shape[0] - v.shape[-1]), v], dim=-1)
+            return torch.cat([merge_heads(a), merge_heads(b_), v], dim=-1)
 
         r_h1, d_h1 = rules.linear(h1, blk.qkv[0], joined(rq, rk, rv), joined(dq, dk, dv), c.qkv_out[0])
     else:
         parts = [rules.linear(h1, lin, None if r is None else merge_heads(r), None if d is None else merge_heads(d), y)
+                 if r is not None or d is not None else (None, None)
                  for lin, r, d, y in zip(blk.qkv, (rq, rk, rv), (dq, dk, dv), c.qkv_out)]
-        d_h1 = None if dq is None else parts[0][1] + parts[1][1] + parts[2][1]
+        d_h1 = None
+        for _, d in parts:
+            d_h1 = d if d_h1 is None else (d_h1 if d is None else d_h1 + d)
         r_h1 = None if rq is None else clone_relevance(h1, *(p[0] for p in parts))  # q, k, v read copies of h1
     if blk.pre_norm:  # x feeds LN1 and the residual
         d_x, r_x, _ = rules.norm_add(c.x, None, blk.norm1, d_h1, r_h1, d_x_res, r_x_res)

@@ -94,15 +94,19 @@ def build(model: nn.Module) -> EncoderSpec:
 
         def from_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, None]:
             # the word embeddings as the model's embedding module returns them (Gemma's scale included) ⊙ the
-            # gradient, summed over the width; GPT-2's position embeddings keep their share
-            return (inputs_embeds * grad).sum(dim=-1), None
+            # gradient, summed over the width; GPT-2's position embeddings keep their share. Explained rows that
+            # share a sample's forward (a continuation) read their sample's embeddings.
+            rows = emb.row_sample
+            words = inputs_embeds if rows is None else inputs_embeds.index_select(0, rows)
+            return (words * grad).sum(dim=-1), None
 
         if language_model:  # the last real token of each sample: the one whose next-token logits are explained
             pool = _last_real(mask, ids)
         else:  # the models' own pooling: the rightmost token that is not the pad token (input_ids only)
             pool = _sequence_pool(ids, pad_id, type(model).__name__)
-        return Embedded(tokens=tokens, key_mask=None if mask is None or bool(mask.all()) else mask,
-                        to_input=_to_input, pool_index=pool, positions=positions, from_gradient=from_gradient)
+        emb = Embedded(tokens=tokens, key_mask=None if mask is None or bool(mask.all()) else mask,
+                       to_input=_to_input, pool_index=pool, positions=positions, from_gradient=from_gradient)
+        return emb
 
     return EncoderSpec(
         family=f"transformers.{name}",

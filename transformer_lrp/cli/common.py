@@ -502,7 +502,8 @@ def conservation_note(explanations: list, what: str) -> None:
     if off:
         lo, hi = float(ratios.min()), float(ratios.max())
         span = f"{lo:.3g}x" if lo == hi else f"{lo:.3g}x to {hi:.3g}x"
+        when = (f"beyond {CONSERVATION_BOUND:g}x in magnitude" if kept[0].absorbing else
+                f"negative or beyond {CONSERVATION_BOUND:g}x either way")
         print(f"warning: relevance is not conserved for {off} of {len(ratios)} {what}: {kept[0].location} receive "
-              f"{span} the relevance put in at the explained logit (1x when conserved; warned when negative or "
-              f"beyond {CONSERVATION_BOUND:g}x either way); such maps show how the rules amplify relevance, see "
-              "docs/method.md §10", file=sys.stderr)
+              f"{span} the relevance put in at the explained logit (1x when conserved; warned when {when}); such "
+              f"maps show how the rules amplify relevance, see {kept[0].reference}", file=sys.stderr)
