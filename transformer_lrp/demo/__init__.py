@@ -25,17 +25,17 @@ from transformer_lrp.conservation import CONSERVATION_BOUND
 from transformer_lrp.demo import assets
 from transformer_lrp.methods import LAYERED
 
-# The LLM section: two factual questions, two sentiment judgements, a sum and a yes-or-no judgement, with a short
-# system prompt (SmolLM2's own default adds some twenty tokens, and each token widens every answer row's sweep).
-# Each answer token costs one reverse pass, so answers stop at LLM_MAX_NEW_TOKENS: the demo stays under a minute.
+# The LLM section: two factual questions, a sentiment judgement, a sum, a question of kind and an opposite, with a
+# short system prompt (SmolLM2's default one adds some twenty tokens, and each token widens every answer row's
+# sweep). Each answer token costs one reverse pass, so answers stop at LLM_MAX_NEW_TOKENS.
 LLM_SYSTEM = "Be concise."
 LLM_PROMPTS = (
     "What is the capital of France?",
     "What is the largest planet in the solar system?",
     'Is this review positive or negative? "A gorgeous, witty, seductive film."',
-    'Is this review positive or negative? "Bland, wooden and boring."',
     "What is 2 + 3?",
     "Is a whale a fish or a mammal?",
+    "What is the opposite of hot?",
 )
 LLM_MAX_NEW_TOKENS = 10
 
