@@ -148,7 +148,7 @@ class _Page(HTMLParser):
 
     def __init__(self, page: str):
         super().__init__()
-        self.samples, self.checkbox, self.code, self._span, self._script = [], None, "", None, None
+        self.samples, self.checkboxes, self.code, self._span, self._script = [], {}, "", None, None
         self.feed(page)
 
     def handle_starttag(self, tag, attrs):
@@ -162,7 +162,7 @@ class _Page(HTMLParser):
         elif tag == "script":
             self._script = "data" if a.get("type") == "application/json" else "code"
         elif tag == "input":
-            self.checkbox = a
+            self.checkboxes[a["class"]] = a
 
     def handle_endtag(self, tag):
         if tag == "span":
@@ -188,13 +188,13 @@ def _tints(backgrounds: list[str]) -> list[tuple[tuple[int, int, int], float] | 
     return out
 
 
-def _expected_tints(row: torch.Tensor, skip_first: bool):
-    """The colours of a row by their definition: orange for r ≥ 0, blue for r < 0, opacity |r| / max |r| (the first
-    token left out of the maximum, and uncoloured, when it is hidden)."""
-    values = row.double()
-    scale = float(values[1:].abs().max() if skip_first else values.abs().max())
-    return [None if skip_first and c == 0 else (BLUE if v < 0 else ORANGE, min(1.0, abs(v) / scale))
-            for c, v in enumerate(values.tolist())]
+def _expected_tints(row: torch.Tensor, left_out: set[int]):
+    """The colours of a row by their definition: orange for r ≥ 0, blue for r < 0, opacity |r| / max |r|; the
+    columns ``left_out`` uncoloured and not in the maximum."""
+    values = row.double().tolist()
+    scale = max(abs(v) for c, v in enumerate(values) if c not in left_out)
+    return [None if c in left_out else (BLUE if v < 0 else ORANGE, min(1.0, abs(v) / scale))
+            for c, v in enumerate(values)]
 
 
 def _assert_tints(found, expected):
@@ -211,7 +211,8 @@ def test_generation_html_holds_every_row_exactly(generation):
     assert bool((gen.relevance < 0).any())  # full LRP: both signs, so both colours are checked below
     words = Words()
     page = _Page(viz.html_page(viz.generation_html(gen, words, titles=["first", "second"])))
-    assert len(page.samples) == 2 and page.checkbox is not None and "checked" not in page.checkbox
+    assert len(page.samples) == 2 and set(page.checkboxes) == {"hide-first", "hide-self"}
+    assert "checked" not in page.checkboxes["hide-first"] and "checked" in page.checkboxes["hide-self"]
     for i, sample in enumerate(page.samples):
         data = json.loads(sample["data"])
         real_ids = gen.input_ids[i][gen.attention_mask[i]].tolist()
@@ -228,18 +229,27 @@ def test_generation_html_holds_every_row_exactly(generation):
         assert [s["text"].replace("↵", "") for s in spans] == data["tokens"]  # every token, escaped and readable
         assert [("ans" in s["classes"]) for s in spans] == [c >= n_prompt for c in range(len(spans))]
         assert [("explained" in s["classes"]) for s in spans] == [c == n_prompt for c in range(len(spans))]
+        # the token the first answer token is predicted from: outlined, and left out of the scale by default
+        assert [("self" in s["classes"]) for s in spans] == [c == n_prompt - 1 for c in range(len(spans))]
+        assert [("left-out" in s["classes"]) for s in spans] == [c == n_prompt - 1 for c in range(len(spans))]
         # the first tint: the first answer token's row
-        _assert_tints(_tints([s["style"] for s in spans]), _expected_tints(gen.matrix(i)[0], skip_first=False))
+        _assert_tints(_tints([s["style"] for s in spans]), _expected_tints(gen.matrix(i)[0], {n_prompt - 1}))
     assert page.samples[0]["spans"][0]["text"] == "</script><b>"  # a token cannot end the data's element
 
 
-def test_generation_html_hides_the_first_token(generation):
-    page = _Page(viz.generation_html(generation, Words(), exclude_first=True))
-    assert page.checkbox is not None and "checked" in page.checkbox
+@pytest.mark.parametrize("exclude_first,exclude_self", [(True, True), (True, False), (False, False)])
+def test_generation_html_leaves_out_what_is_asked(generation, exclude_first, exclude_self):
+    """The first token (an attention sink) and the token the answer token is predicted from: uncoloured and out of
+    the scale when asked, the checkboxes saying so."""
+    page = _Page(viz.generation_html(generation, Words(), exclude_first=exclude_first, exclude_self=exclude_self))
+    assert ("checked" in page.checkboxes["hide-first"]) == exclude_first
+    assert ("checked" in page.checkboxes["hide-self"]) == exclude_self
     for i, sample in enumerate(page.samples):
-        assert "sink" in sample["spans"][0]["classes"]
-        _assert_tints(_tints([s["style"] for s in sample["spans"]]),
-                      _expected_tints(generation.matrix(i)[0], skip_first=True))
+        n_prompt = int(generation.prompt_mask[i].sum())
+        left_out = ({0} if exclude_first else set()) | ({n_prompt - 1} if exclude_self else set())
+        assert [("left-out" in s["classes"]) for s in sample["spans"]] == [
+            c in left_out for c in range(len(sample["spans"]))]
+        _assert_tints(_tints([s["style"] for s in sample["spans"]]), _expected_tints(generation.matrix(i)[0], left_out))
 
 
 # A page's script in node, on a stand-in for the few DOM calls it makes: the events are fired in order and, after
@@ -256,7 +266,7 @@ function node(extra) {
     fire(type) { (listeners[type] || []).forEach(f => f()); },
   }, extra);
 }
-const checkbox = node({checked: desc.checked});
+const checkboxes = {'input.hide-first': node({checked: desc.first}), 'input.hide-self': node({checked: desc.self})};
 const samples = desc.samples.map(s => {
   const spans = Array.from({length: s.spans}, () => node({}));
   const status = node({}), data = node({textContent: s.data});
@@ -264,7 +274,7 @@ const samples = desc.samples.map(s => {
     querySelector(sel) { return sel === '.status' ? status : data; },
     querySelectorAll(sel) { return spans; }});
 });
-const box = node({querySelector() { return checkbox; }, querySelectorAll() { return samples; }});
+const box = node({querySelector(sel) { return checkboxes[sel]; }, querySelectorAll() { return samples; }});
 globalThis.document = {querySelectorAll() { return [box]; }};
 new Function(desc.code)();
 new Function(desc.code)();  // a second fragment's copy of the script leaves this one alone
@@ -274,7 +284,7 @@ const record = () => samples.map(g => ({
   status: g.status.textContent}));
 const states = [record()];
 for (const [what, sample, index] of desc.events) {
-  if (what === 'toggle') { checkbox.checked = !checkbox.checked; checkbox.fire('change'); }
+  if (what in checkboxes) { checkboxes[what].checked = !checkboxes[what].checked; checkboxes[what].fire('change'); }
   else samples[sample].spans[index].fire(what);
   states.push(record());
 }
@@ -288,9 +298,10 @@ def test_generation_page_retints_with_the_row_of_the_token_under_the_pointer(gen
     page = _Page(viz.generation_html(gen, Words()))
     n_prompt = int(gen.prompt_mask[0].sum())
     events = [["mouseenter", 0, n_prompt + 2], ["mouseleave", 0, n_prompt + 2], ["click", 0, n_prompt + 1],
-              ["mouseenter", 0, n_prompt + 2], ["mouseleave", 0, n_prompt + 2], ["toggle", 0, 0],
-              ["mouseenter", 0, 0]]  # a prompt token: nothing happens
-    desc = {"checked": False, "code": page.code, "events": events,
+              ["mouseenter", 0, n_prompt + 2], ["mouseleave", 0, n_prompt + 2], ["input.hide-first"],
+              ["mouseenter", 0, 0],  # a prompt token: nothing happens
+              ["input.hide-self"], ["focus", 0, n_prompt]]
+    desc = {"first": False, "self": True, "code": page.code, "events": events,
             "samples": [{"spans": len(s["spans"]), "data": s["data"]} for s in page.samples]}
     script = tmp_path / "dom.js"
     script.write_text(_DOM)
@@ -298,19 +309,23 @@ def test_generation_page_retints_with_the_row_of_the_token_under_the_pointer(gen
     assert run.returncode == 0, run.stderr
     states = json.loads(run.stdout)
     rows = gen.matrix(0)
-    shown_row = [0, 2, 0, 1, 2, 1, 1, 1]  # after load, then after each event
-    hidden = [False] * 6 + [True, True]
-    for state, j, hide in zip(states, shown_row, hidden):
-        first = state[0]
-        _assert_tints(_tints(first["backgrounds"]), _expected_tints(rows[j], skip_first=hide))
-        here = n_prompt + j
-        assert ["explained" in c for c in first["classes"]] == [c == here for c in range(rows.shape[1])]
-        assert ["later" in c for c in first["classes"]] == [c > here for c in range(rows.shape[1])]
-        assert ("sink" in first["classes"][0]) == hide
-        assert first["status"].startswith(f"answer token {j + 1} of 3: ")
-        assert f"{100 * float(gen.first_token_share[0, j]):.1f} %" in first["status"]
+    shown_row = [0, 2, 0, 1, 2, 1, 1, 1, 1, 0]  # after load, then after each event
+    hide_first = [False] * 6 + [True] * 4
+    hide_self = [True] * 8 + [False] * 2
+    for state, j, first_out, self_out in zip(states, shown_row, hide_first, hide_self, strict=True):
+        shown = state[0]
+        here, columns = n_prompt + j, range(rows.shape[1])
+        left_out = ({0} if first_out else set()) | ({here - 1} if self_out else set())
+        _assert_tints(_tints(shown["backgrounds"]), _expected_tints(rows[j], left_out))
+        assert ["explained" in c for c in shown["classes"]] == [c == here for c in columns]
+        assert ["later" in c for c in shown["classes"]] == [c > here for c in columns]
+        assert ["self" in c for c in shown["classes"]] == [c == here - 1 for c in columns]
+        assert ["left-out" in c for c in shown["classes"]] == [c in left_out for c in columns]
+        assert shown["status"].startswith(f"answer token {j + 1} of 3: ")
+        assert f"{100 * float(gen.first_token_share[0, j]):.1f} %" in shown["status"]
         # the other sample keeps its first row
-        _assert_tints(_tints(state[1]["backgrounds"]), _expected_tints(gen.matrix(1)[0], skip_first=hide))
+        other_out = ({0} if first_out else set()) | ({int(gen.prompt_mask[1].sum()) - 1} if self_out else set())
+        _assert_tints(_tints(state[1]["backgrounds"]), _expected_tints(gen.matrix(1)[0], other_out))
 
 
 def _one_sample(values: torch.Tensor, n_prompt: int) -> tl.GenerationExplanation:
@@ -360,8 +375,7 @@ def test_generation_matrix_cells_and_colours():
     """A cell's value shows in exactly one CELL × CELL square, one cell further right (down) per column (row), in
     white blended with orange (positive) or blue (negative) by |r| over the largest |r|."""
     n_prompt, values = 4, torch.full((5, 9), 0.1)
-    values[4, 8] = -2.0  # the largest |r|: the scale is 2 (a later cell of the last row is grey: pick a seen one)
-    values[4, 7] = -2.0
+    values[4, 6] = -2.0  # the largest |r|: the scale is 2
 
     def with_cell(r, c, v):
         changed = values.clone()
@@ -400,6 +414,17 @@ def test_generation_matrix_can_leave_the_first_token_out():
     bigger_sink[:, 0] = 500.0
     assert np.array_equal(kept, _matrix(bigger_sink, 4, exclude_first=True))  # the sink's value does not show
     assert not np.array_equal(_matrix(values, 4), _matrix(bigger_sink, 4))  # it does without exclude_first
+
+
+def test_generation_matrix_leaves_out_the_token_each_answer_token_is_predicted_from():
+    """By default the cell of the token an answer token is predicted from (row r, column n_prompt − 1 + r) shows
+    nothing and does not set the scale; with exclude_self=False it does."""
+    values = torch.full((3, 7), 0.3)
+    values[0, 1] = 1.0
+    bigger = values.clone()
+    bigger[1, 4] = 40.0  # row 1 is predicted from column 4 − 1 + 1
+    assert np.array_equal(_matrix(values, 4), _matrix(bigger, 4))
+    assert not np.array_equal(_matrix(values, 4, exclude_self=False), _matrix(bigger, 4, exclude_self=False))
 
 
 def test_save_generation_matrix_stacks_the_samples(generation, tmp_path):

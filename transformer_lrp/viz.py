@@ -255,10 +255,16 @@ def _safe_json(text: str) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _row_scale(row: torch.Tensor, skip_first: bool) -> float:
-    """The largest absolute relevance of a row (the first column left out when it is hidden)."""
-    part = row[1:] if skip_first else row
-    return float(part.abs().max()) if part.numel() else 0.0
+def _left_out(n_prompt: int, j: int, exclude_first: bool, exclude_self: bool) -> set[int]:
+    """The columns of answer token ``j``'s row left out of its colour scale: the first token (an attention sink) and
+    the token the answer token is predicted from (position ``n_prompt + j − 1``), each when asked."""
+    return ({0} if exclude_first else set()) | ({n_prompt + j - 1} if exclude_self else set())
+
+
+def _row_scale(row: torch.Tensor, left_out: set[int]) -> float:
+    """The largest absolute relevance of a row, the columns ``left_out`` not counted."""
+    keep = [c for c in range(row.shape[-1]) if c not in left_out]
+    return float(row[keep].abs().max()) if keep else 0.0
 
 
 def _shown(token: str) -> str:
@@ -271,15 +277,17 @@ _GENERATION_STYLE = """<style>
 .generations .ans{cursor:pointer;border-bottom:2px solid #bbb}
 .generations .ans:focus{outline:none}
 .generations .explained{outline:2px solid #111}
+.generations .self{outline:1px dashed #555}
 .generations .later{opacity:0.35}
-.generations .sink{text-decoration:line-through;color:#888}
+.generations .left-out{color:#888}
 .generations .generation{margin:1.4em 0;padding:0.6em;border:1px solid #ddd;border-radius:0.4em}
 .generations .status{font-size:0.85em;color:#333;margin-top:0.4em}
-.generations .legend{font-size:0.85em;color:#555}
+.generations .legend{font-size:0.85em;color:#555;display:block}
 </style>"""
 
 # Re-tints a sample's tokens with the row of the answer token under the pointer (or last clicked, or focused), with
-# the same colours as the page's first tint (viz._tint): hue by sign, opacity |r| / the row's largest |r|.
+# the colours of the page's first tint (viz._tint): hue by sign, opacity |r| over the row's largest |r|, the tokens
+# left out (the checkboxes) uncoloured and not counted.
 _GENERATION_SCRIPT = """<script>
 (function () {
   var POS = [234, 88, 12], NEG = [37, 99, 235];
@@ -291,23 +299,25 @@ _GENERATION_SCRIPT = """<script>
   document.querySelectorAll('.generations').forEach(function (box) {
     if (box.dataset.ready) return;
     box.dataset.ready = '1';
-    var hide = box.querySelector('input.hide-first');
+    var hideFirst = box.querySelector('input.hide-first'), hideSelf = box.querySelector('input.hide-self');
     box.querySelectorAll('.generation').forEach(function (g) {
       var data = JSON.parse(g.querySelector('script.generation-data').textContent);
       var spans = g.querySelectorAll('.tok'), status = g.querySelector('.status'), chosen = 0;
       function show(j) {
-        var row = data.rows[j], skip = hide.checked ? 1 : 0, scale = 0, here = data.prompt + j;
-        for (var c = skip; c < row.length; c++) scale = Math.max(scale, Math.abs(row[c]));
+        var row = data.rows[j], here = data.prompt + j, self = here - 1, scale = 0;
+        function leftOut(c) { return (hideFirst.checked && c === 0) || (hideSelf.checked && c === self); }
+        for (var c = 0; c < row.length; c++) if (!leftOut(c)) scale = Math.max(scale, Math.abs(row[c]));
         spans.forEach(function (s, c) {
-          var hidden = c < skip;
-          s.style.background = hidden ? 'transparent' : tint(row[c], scale);
+          s.style.background = leftOut(c) ? 'transparent' : tint(row[c], scale);
           s.title = String(row[c]);
-          s.classList.toggle('sink', hidden);
+          s.classList.toggle('left-out', leftOut(c));
+          s.classList.toggle('self', c === self);
           s.classList.toggle('explained', c === here);
           s.classList.toggle('later', c > here);
         });
         status.textContent = 'answer token ' + (j + 1) + ' of ' + data.rows.length + ': ' +
-          JSON.stringify(data.tokens[here]) + ' · logit ' + data.logit[j].toPrecision(4) +
+          JSON.stringify(data.tokens[here]) + ' · logit ' + data.logit[j].toPrecision(4) + ' · predicted from ' +
+          JSON.stringify(data.tokens[self]) + ' (relevance ' + row[self].toPrecision(3) + ')' +
           ' · first token\\u2019s share of |relevance| ' + pct(data.share[j]);
       }
       spans.forEach(function (s, c) {
@@ -318,7 +328,8 @@ _GENERATION_SCRIPT = """<script>
         s.addEventListener('click', function () { chosen = j; show(j); });
         s.addEventListener('focus', function () { chosen = j; show(j); });
       });
-      hide.addEventListener('change', function () { show(chosen); });
+      hideFirst.addEventListener('change', function () { show(chosen); });
+      hideSelf.addEventListener('change', function () { show(chosen); });
       show(chosen);
     });
   });
@@ -326,21 +337,30 @@ _GENERATION_SCRIPT = """<script>
 </script>"""
 
 
-def _status(tokens: list[str], n_prompt: int, j: int, n_answer: int, logit: float, share: float) -> str:
-    return (f"answer token {j + 1} of {n_answer}: {json.dumps(tokens[n_prompt + j])} · logit {logit:.4g} · first "
-            f"token’s share of |relevance| {100 * share:.1f} %")
+def _status(tokens: list[str], n_prompt: int, row: torch.Tensor, n_answer: int, logit: float, share: float) -> str:
+    """The line under a sample, for its first answer token (the script rewrites it for the others)."""
+    self = n_prompt - 1
+    return (f"answer token 1 of {n_answer}: {json.dumps(tokens[n_prompt])} · logit {logit:.4g} · predicted from "
+            f"{json.dumps(tokens[self])} (relevance {float(row[self]):.3g}) · first token’s share of |relevance| "
+            f"{100 * share:.1f} %")
 
 
-def generation_html(gen, tokenizer, exclude_first: bool = False, titles: list[str] | None = None) -> str:
+def generation_html(gen, tokenizer, exclude_first: bool = False, exclude_self: bool = True,
+                    titles: list[str] | None = None) -> str:
     """A decoder LLM's answers, explained token by token (:func:`~transformer_lrp.explain_generation`), as an HTML
     fragment: per prompt, its tokens and the answer's, tinted by the relevance of each for the answer's **first**
     token; hovering, clicking or focusing (Tab) an answer token re-tints them with that token's row (the tokens after
     it, not yet generated then, are faded). Orange for positive relevance, blue for negative, opacity by ``|r|`` over
-    the row's largest; each token's value is in its tooltip. A checkbox hides the first token, the attention sink
-    language models park attention on, and rescales the rest without it (``exclude_first``: checked at first). Each
-    sample's rows (``gen.matrix(i)``, exact), tokens, explained logits and first-token shares are embedded as JSON
-    (``<script type="application/json" class="generation-data">``); a few lines of plain JavaScript, no external
-    file. Put it in a page with :func:`html_page`."""
+    the row's largest; each token's value is in its tooltip.
+
+    Two checkboxes leave a token out of the tint and the scale: the first token (``exclude_first``), the attention
+    sink language models park attention on; and the token each answer token is predicted from (``exclude_self``,
+    checked by default; outlined either way), whose own residual stream carries most of the relevance (under
+    transformer attribution, the rollout's identity term, close to all of it), so that the others show.
+
+    Each sample's rows (``gen.matrix(i)``, exact), tokens, explained logits and first-token shares are embedded as
+    JSON (``<script type="application/json" class="generation-data">``); a few lines of plain JavaScript, no
+    external file. Put it in a page with :func:`html_page`."""
     parts = []
     for i in range(len(gen)):
         tokens, n_prompt, rows = _answer_view(gen, i, tokenizer)
@@ -350,35 +370,39 @@ def generation_html(gen, tokenizer, exclude_first: bool = False, titles: list[st
         data = (f'{{"prompt":{n_prompt},"tokens":{json.dumps(tokens)},"rows":{_numbers(rows)},'
                 f'"logit":{_numbers(logit)},"share":{_numbers(share)}}}')
         first = rows[0]
-        scale = _row_scale(first, exclude_first)
+        left_out = _left_out(n_prompt, 0, exclude_first, exclude_self)
+        scale = _row_scale(first, left_out)
         spans = []
         for c, token in enumerate(tokens):
-            hidden = exclude_first and c == 0
-            classes = ["tok"] + (["ans"] if c >= n_prompt else []) + (["sink"] if hidden else []) + (
+            classes = ["tok"] + (["ans"] if c >= n_prompt else []) + (["left-out"] if c in left_out else []) + (
+                ["self"] if c == n_prompt - 1 else []) + (
                 ["explained"] if c == n_prompt else ["later"] if c > n_prompt else [])
-            background = "transparent" if hidden else _tint(float(first[c]), scale)
+            background = "transparent" if c in left_out else _tint(float(first[c]), scale)
             focus = ' tabindex="0"' if c >= n_prompt else ""
             spans.append(f'<span class="{" ".join(classes)}"{focus} style="background: {background}" '
                          f'title="{str(first.numpy()[c])}">{_shown(token)}</span>')
         title = titles[i] if titles else f"prompt {i + 1}"
         mean_share = float(share.mean()) if share.numel() else 0.0
-        status = _status(tokens, n_prompt, 0, rows.shape[0], float(logit[0]), float(share[0]))
+        status = _status(tokens, n_prompt, first, rows.shape[0], float(logit[0]), float(share[0]))
         parts.append(
             f'<div class="generation"><div class="title">{_html.escape(title)} · first token’s share of |relevance|: '
             f'{100 * mean_share:.1f} % on average over the answer</div>\n<div class="tokens">{"".join(spans)}</div>\n'
             f'<div class="status">{_html.escape(status)}</div>\n'
             f'<script type="application/json" class="generation-data">{_safe_json(data)}</script></div>')
-    checked = " checked" if exclude_first else ""
+    first_box, self_box = (" checked" if exclude_first else ""), (" checked" if exclude_self else "")
     head = (f'<div class="generations">{_GENERATION_STYLE}\n<p class="legend">Each prompt\'s tokens tinted by their '
             "relevance for the answer's first token (outlined; orange positive, blue negative). Hover, click or Tab "
-            "to an answer token (underlined) to see what it was made of; the tokens after it are faded.</p>\n"
-            f'<label class="legend"><input type="checkbox" class="hide-first"{checked}> hide the first token (an '
-            "attention sink: language models park attention on it)</label>")
+            "to an answer token (underlined) to see what it was made of; the tokens after it are faded, the token "
+            "it is predicted from has a dashed outline.</p>\n"
+            f'<label class="legend"><input type="checkbox" class="hide-first"{first_box}> leave out the first token '
+            "(an attention sink: language models park attention on it)</label>\n"
+            f'<label class="legend"><input type="checkbox" class="hide-self"{self_box}> leave out the token each '
+            "answer token is predicted from (its own residual stream carries most of the relevance)</label>")
     return "\n".join([head, *parts, _GENERATION_SCRIPT, "</div>"])
 
 
 # The answer × input matrix: pixels per cell, the colour of cells a token could not see (after it), and of the
-# first token's column when it is left out.
+# cells left out of the scale (the first token's column, the tokens the answer's tokens are predicted from).
 CELL = 14
 SPLIT = 3  # px between the prompt's columns and the answer's, a dark line in the middle
 LATER_GREY, HIDDEN_GREY = 232, 200
@@ -400,7 +424,8 @@ def _label_text(token: str) -> str:
     return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
 
 
-def _matrix_panel(tokens: list[str], n_prompt: int, rows: torch.Tensor, title: str, exclude_first: bool):
+def _matrix_panel(tokens: list[str], n_prompt: int, rows: torch.Tensor, title: str, exclude_first: bool,
+                  exclude_self: bool):
     from PIL import Image, ImageDraw
 
     values = rows.double().numpy()
@@ -410,9 +435,17 @@ def _matrix_panel(tokens: list[str], n_prompt: int, rows: torch.Tensor, title: s
     width_of = lambda text: probe.textbbox((0, 0), text, font=font)[2]  # noqa: E731
     row_labels = [_label_text(t) for t in tokens[n_prompt:]]
     col_labels = [_label_text(t) for t in tokens]
-    considered = values[:, 1:] if exclude_first else values
+    answer_row = np.arange(n_rows)[:, None]
+    # answer token r is predicted from the tokens before it: from its own column on, nothing was read yet
+    later = np.arange(n_cols)[None, :] >= n_prompt + answer_row
+    left_out = np.zeros_like(later)
+    if exclude_first:
+        left_out[:, 0] = True
+    if exclude_self:
+        left_out[np.arange(n_rows), n_prompt - 1 + np.arange(n_rows)] = True
+    considered = values[~left_out & ~later]
     scale = float(np.abs(considered).max()) if considered.size else 0.0
-    signed = bool((values < 0).any())
+    signed = bool((considered < 0).any())
     bar_labels = [_value(scale), "0"] + ([_value(-scale)] if signed else [])
     left = GAP + max(width_of(t) for t in row_labels) + 6
     top = TITLE_BAND + max(width_of(t) for t in col_labels) + 6
@@ -423,11 +456,8 @@ def _matrix_panel(tokens: list[str], n_prompt: int, rows: torch.Tensor, title: s
     canvas = Image.new("RGB", (max(bar_x + BAR_WIDTH + 4 + max(width_of(t) for t in bar_labels) + GAP,
                                    GAP + width_of(title) + GAP), top + bar_h + GAP), "white")
     colours = _cell_colours(values, scale)
-    # answer token r is predicted from the tokens before it: from its own column on, nothing was read yet
-    later = np.arange(n_cols)[None, :] >= n_prompt + np.arange(n_rows)[:, None]
     colours[later] = LATER_GREY
-    if exclude_first:
-        colours[:, 0] = HIDDEN_GREY
+    colours[left_out] = HIDDEN_GREY
     cells = np.repeat(np.repeat(colours.round().astype(np.uint8), CELL, axis=0), CELL, axis=1)
     split = np.full((grid_h, SPLIT, 3), 255, dtype=np.uint8)
     cells = np.concatenate([cells[:, : n_prompt * CELL], split, cells[:, n_prompt * CELL :]], axis=1)
@@ -459,13 +489,15 @@ def _matrix_panel(tokens: list[str], n_prompt: int, rows: torch.Tensor, title: s
 
 
 def generation_matrix(gen, tokenizer, sample: int | None = None, exclude_first: bool = False,
-                      titles: list[str] | None = None):
+                      exclude_self: bool = True, titles: list[str] | None = None):
     """The answer × input matrix of a :class:`~transformer_lrp.GenerationExplanation` as a PIL image: one row per
     answer token, one column per real input token (the prompt, a line, the answer), each cell that token's
     relevance for that answer token, white at 0, orange positive, blue negative, full colour at the largest
     ``|r|`` of the sample (its colour bar on the right). Cells from each row's own token on (not read yet when it
-    was predicted) are light grey; with ``exclude_first`` the first token's column (the attention sink) is grey and
-    left out of the scale. Token labels on both axes. ``sample=None``: every sample, one panel each, stacked."""
+    was predicted) are light grey. Cells left out of the scale are mid grey: the first token's column
+    (``exclude_first``: the attention sink) and the token each answer token is predicted from (``exclude_self``,
+    the default: its own residual stream carries most of the relevance, so the other tokens would barely show).
+    Token labels on both axes. ``sample=None``: every sample, one panel each, stacked."""
     from PIL import Image
 
     samples = range(len(gen)) if sample is None else [sample]
@@ -473,7 +505,7 @@ def generation_matrix(gen, tokenizer, sample: int | None = None, exclude_first: 
     for i in samples:
         tokens, n_prompt, rows = _answer_view(gen, i, tokenizer)
         title = titles[i] if titles else f"prompt {i + 1}: answer tokens (rows) x input tokens (columns)"
-        panels.append(_matrix_panel(tokens, n_prompt, rows, title, exclude_first))
+        panels.append(_matrix_panel(tokens, n_prompt, rows, title, exclude_first, exclude_self))
     canvas = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
     y = 0
     for p in panels:
@@ -483,8 +515,8 @@ def generation_matrix(gen, tokenizer, sample: int | None = None, exclude_first: 
 
 
 def save_generation_matrix(path: str | Path, gen, tokenizer, sample: int | None = None, exclude_first: bool = False,
-                           titles: list[str] | None = None) -> Path:
+                           exclude_self: bool = True, titles: list[str] | None = None) -> Path:
     """Write :func:`generation_matrix` as a PNG; returns the path."""
     path = Path(path)
-    generation_matrix(gen, tokenizer, sample, exclude_first, titles).save(path, format="PNG")
+    generation_matrix(gen, tokenizer, sample, exclude_first, exclude_self, titles).save(path, format="PNG")
     return path
