@@ -142,7 +142,7 @@ def load_tokenizer_of(spec: str):
 
 def load_language_model(spec: str):
     """A local ``*ForCausalLM`` folder as a model the decoder adapters take (others are refused, naming those
-    that are); half precision becomes float32 (the CPU explains in float32)."""
+    that are); half-precision weights are explained in float32, with a note saying so."""
     from transformers import AutoModelForCausalLM
 
     from transformer_lrp.adapters import decoder
