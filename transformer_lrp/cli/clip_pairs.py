@@ -35,6 +35,7 @@ from transformer_lrp.cli.common import (
 
 NAME = "CLIP image-caption pairs"
 INPUTS = "--image with --text for a CLIP checkpoint directory"
+TAKES = (image_kind.NAME, text_kind.NAME)  # the kinds whose inputs a CLIP model takes over
 # OpenAI CLIP's preprocessing, for a checkpoint without preprocessor_config.json
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 

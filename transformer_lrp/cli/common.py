@@ -11,10 +11,11 @@
   tokenizers (:func:`check_tokenizer`) and tokenizing with a note naming what was cut (:func:`token_limit`).
 * Batches with a progress bar, raw outputs, the conservation line of methods that carry relevance to the input.
 
-An input kind (``images.py``, ``texts.py``, ``clip_pairs.py``) is a module with ``add_arguments(groups)``,
-``claims(args)`` (:data:`NOT_MINE`, :data:`MY_INPUTS` or :data:`MY_MODEL`), ``read(args)`` (every input read and
-checked, no model loaded) and ``explain(args, inputs, folder)`` (the files written into ``folder``); ``main.py``
-lists the kinds.
+An input kind (``images.py``, ``texts.py``, ``clip_pairs.py``, ``prompts.py``) is a module with
+``add_arguments(groups)``, ``claims(args)`` (:data:`NOT_MINE`, :data:`MY_INPUTS` or :data:`MY_MODEL`), ``read(args)``
+(every input read and checked, no model loaded) and ``explain(args, inputs, folder)`` (the files written into
+``folder``); a kind that answers ``MY_MODEL`` names in ``TAKES`` the kinds whose inputs it takes. ``main.py`` lists
+the kinds.
 """
 
 from __future__ import annotations
@@ -391,8 +392,7 @@ def wrong_kind(spec: str, kind: str, wanted: str) -> CliError:
     what = {"image": "an image classifier: give --image files",
             "text": "a text classifier: give --text or --text-file",
             "clip": "a CLIP model: give --image files and --text captions together",
-            "decoder": "a decoder language model (GPT-2, Llama, ...), which explain does not take yet; it takes "
-                       "encoder classifiers (BERT, RoBERTa, DistilBERT, ViT) and CLIP",
+            "decoder": "a decoder language model (GPT-2, Llama, ...): give --prompt or --prompt-file",
             "other": "neither an image nor a text classifier transformer-lrp supports"}[kind]
     return CliError(f"--model {spec} is {what} (the inputs given are {wanted})")
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from transformer_lrp.cli import clip_pairs, images, texts
+from transformer_lrp.cli import clip_pairs, images, prompts, texts
 from transformer_lrp.cli.common import (
+    MY_INPUTS,
+    MY_MODEL,
     NOT_MINE,
     PROG,
     CliError,
@@ -31,7 +33,7 @@ from transformer_lrp.cli.common import (
 )
 
 # The kinds of input ``explain`` takes, each a module (see common.py): a new kind is one more module here.
-KINDS = (images, texts, clip_pairs)
+KINDS = (images, texts, clip_pairs, prompts)
 
 EXAMPLES = f"""examples:
   {PROG} demo --out demo_out
@@ -40,6 +42,8 @@ EXAMPLES = f"""examples:
   {PROG} explain --text "a gorgeous, witty movie" --text "bland and wooden" --model demo
   {PROG} explain --text-file reviews.txt --model ./bert-sst2 --method full_lrp --raw npy
   {PROG} explain --image dog.png --text "a dog" --text "a cat" --model ./clip-vit-b32 --method gae
+  {PROG} explain --prompt "What is the capital of France?" --model smollm2 --max-new-tokens 8
+  {PROG} explain --prompt-file questions.txt --model ./my-llama --answer "Paris." --no-chat
 """
 
 EVALUATION_TASKS = ("canvas", "movies", "planted")
@@ -60,7 +64,12 @@ def choose_kind(args):
     if len(chosen) > 1:
         raise CliError(f"one kind of input per call, but {' and '.join(k.INPUTS for k in chosen)} were given "
                        f"together ({takes})")
-    return chosen[0]
+    kind = chosen[0]
+    if level == MY_MODEL:  # a model that takes the command line over takes some kinds' inputs, not the others'
+        stray = [k for c, k in claims if c == MY_INPUTS and k.NAME not in kind.TAKES]
+        if stray:
+            raise CliError(f"--model {args.model} takes {kind.INPUTS}, not {' or '.join(k.INPUTS for k in stray)}")
+    return kind
 
 
 def explain_command(args: argparse.Namespace) -> int:
@@ -82,11 +91,14 @@ def explain_command(args: argparse.Namespace) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     from transformer_lrp import demo
 
+    if args.prompts > len(demo.LLM_PROMPTS):
+        raise CliError(f"--prompts {args.prompts}: the demo has {len(demo.LLM_PROMPTS)} questions")
     device = check_device(args.device)
     check_backend(args.backend, device)
     t0 = time.perf_counter()
     with Staging(args.out) as stage:
-        made = demo.run(stage.path, args.images, args.texts, args.method, args.backend, device)["files"]
+        made = demo.run(stage.path, args.images, args.texts, args.method, args.backend, device,
+                        n_prompts=args.prompts, max_new_tokens=args.max_new_tokens)["files"]
         files = stage.commit(made)
     print(f"wrote {len(files)} files to {stage.shown()} ({', '.join(f.name for f in files)}) in "
           f"{time.perf_counter() - t0:.1f} s")
@@ -182,6 +194,7 @@ def _method_options(group, methods) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from transformer_lrp.demo import LLM_MAX_NEW_TOKENS, LLM_PROMPTS
     from transformer_lrp.methods import METHODS
 
     parser = OneLineParser(
@@ -192,20 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,explain,evaluate}")
 
-    d = sub.add_parser("demo", help="explain bundled real examples with real classifiers → PNG + HTML",
-                       description="Explain a few held-out image canvases (DINOv2 ViT-S/14 + trained head) and "
-                                   "movie-review sentences (all-MiniLM-L6-v2 + trained sentiment head); writes one "
-                                   "PNG per image, text.html and the raw relevance.")
+    d = sub.add_parser("demo", help="explain bundled real examples with real models → PNG + HTML",
+                       description="Explain a few held-out image canvases (DINOv2 ViT-S/14 + trained head), "
+                                   "movie-review sentences (all-MiniLM-L6-v2 + trained sentiment head) and "
+                                   "SmolLM2-135M-Instruct's answers to a few questions, token by token; writes one "
+                                   "PNG per image, text.html, llm.html, llm_matrix.png and the raw relevance.")
     d.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     d.add_argument("--images", type=positive_int, default=4, help="how many canvases (default 4)")
     d.add_argument("--texts", type=positive_int, default=6, help="how many sentences (default 6)")
+    d.add_argument("--prompts", type=non_negative_int, default=len(LLM_PROMPTS),
+                   help=f"how many of its {len(LLM_PROMPTS)} questions SmolLM2 answers (default all; 0: no LLM "
+                        "section)")
+    d.add_argument("--max-new-tokens", type=positive_int, default=LLM_MAX_NEW_TOKENS,
+                   help=f"the longest answer (default {LLM_MAX_NEW_TOKENS}; each answer token costs one reverse "
+                        "pass)")
     _method_options(d.add_argument_group("method"), METHODS)
 
-    e = sub.add_parser("explain", help="explain your own image files or texts",
+    e = sub.add_parser("explain", help="explain your own image files, texts or a language model's answers",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-                       description="Explain image files (resized and centre-cropped to the model's input size) or "
-                                   "texts. Writes a PNG per image (image, map, overlay, colour bar) or text.html, and "
-                                   "the raw relevance ([N, tokens]) as .pt or .npy. Nothing is written unless "
+                       description="Explain image files (resized and centre-cropped to the model's input size), "
+                                   "texts, or a decoder language model's answers to prompts, token by token. Writes "
+                                   "a PNG per image (image, map, overlay, colour bar), text.html, or llm.html and "
+                                   "llm_matrix.png, and the raw relevance as .pt or .npy. Nothing is written unless "
                                    "everything succeeds.")
     groups = {
         "inputs": e.add_argument_group("inputs (one kind per call; images and captions together for a CLIP model)"),
@@ -216,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     }
     groups["model"].add_argument(
         "--model", default="demo",
-        help="'demo' (the demo's classifiers, default), 'timm:NAME' (a timm ViT, with --checkpoint) or a local "
+        help="'demo' (the demo's models, default: its classifiers, or SmolLM2 for --prompt), 'smollm2' "
+             "(SmolLM2-135M-Instruct, for --prompt), 'timm:NAME' (a timm ViT, with --checkpoint) or a local "
              "transformers checkpoint directory with its tokenizer or image processor (a CLIP directory takes "
-             "--image and --text together)")
+             "--image and --text together; a *ForCausalLM directory takes --prompt)")
     _method_options(groups["method"], METHODS)
     groups["explanation"].add_argument("--target", type=non_negative_int,
                                        help="the class to explain (default: each input's predicted class)")

@@ -47,7 +47,7 @@ def add_arguments(groups: dict) -> None:
     g.add_argument("--text", action="append", metavar="TEXT", help="a text (repeat for more)")
     g.add_argument("--text-file", action="append", metavar="FILE",
                    help="a file with one text per line (blank lines skipped; repeat for more)")
-    g.add_argument("--encoding", default="utf-8", help="of the --text-file files (default utf-8)")
+    g.add_argument("--encoding", default="utf-8", help="of the --text-file and --prompt-file files (default utf-8)")
     groups["explanation"].add_argument("--cls-relevance", default="keep", choices=["keep", "zero", "min"],
                                        help="text: the CLS entry (default keep)")
 

