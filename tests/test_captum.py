@@ -74,6 +74,22 @@ def test_convergence_delta(vit):
         TransformerAttribution(vit).attribute(x, return_convergence_delta=True)
 
 
+@pytest.mark.parametrize("method", ["attnlrp", "cp_lrp"])
+def test_convergence_delta_of_the_modified_gradients(vit, bert, method):
+    """AttnLRP and CP-LRP put in the logit itself: delta = logit − Σ attributions (pixels and tokens)."""
+    x = M.images(2)
+    attr = TransformerAttribution(vit, method=method)
+    exp = tl.explain(vit, x, 1, method=method)
+    _, delta = attr.attribute(x, target=1, pixels=True, return_convergence_delta=True)
+    torch.testing.assert_close(delta, exp.logits[:, 1] - exp.pixel_relevance.sum((1, 2)))
+    batch = M.text_batch((9, 5))
+    _, delta = TransformerAttribution(bert, method=method).attribute(batch, target=1, return_convergence_delta=True)
+    text = tl.explain(bert, batch, 1, method=method)
+    torch.testing.assert_close(delta, text.logits[:, 1] - text.relevance.sum(1))
+    with pytest.raises(tl.InputError, match="give initial_relevance"):
+        attr.compute_convergence_delta(exp.pixel_relevance, method=method)
+
+
 def test_captum_utilities_take_the_output(vit):
     import matplotlib
 

@@ -73,10 +73,12 @@ def explain(
 
     Returns:
         An :class:`Explanation` with ``relevance`` `[B, T]`, ``target`` `[B]` and ``logits`` `[B, C]`; for
-        ``full_lrp`` also ``conservation``, the relevance reaching the input against the relevance put in at the
-        explained logit. A :class:`~transformer_lrp.ConservationWarning` says when they differ by more than
+        ``full_lrp``, ``attnlrp`` and ``cp_lrp`` also ``conservation``, the relevance reaching the input against the
+        relevance put in at the explained logit (vision: and ``pixel_relevance``). A
+        :class:`~transformer_lrp.ConservationWarning` says when they differ by more than
         :data:`~transformer_lrp.conservation.CONSERVATION_BOUND` (docs/method.md §10: on real weights, full LRP's
-        total is off by orders of magnitude, as in the original code).
+        total is off by orders of magnitude, as in the original code; §12.4: AttnLRP's and CP-LRP's biases keep a
+        share, so only a total beyond the bound in magnitude is warned).
 
     Works inside ``torch.no_grad()`` and ``torch.inference_mode()`` (the head's gradient enables its own autograd).
     An empty batch raises ``InputError``.

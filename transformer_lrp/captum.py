@@ -62,7 +62,8 @@ class TransformerAttribution(Attribution):
             pixels: vision: upsample to the input's ``[B, C, H, W]`` (bilinear, as ``Explanation.image_maps``
                 without the min–max; ``full_lrp`` gives its own pixel relevance). Default: one value per patch,
                 ``[B, gh, gw]``.
-            return_convergence_delta: also return :meth:`compute_convergence_delta` (``full_lrp`` only).
+            return_convergence_delta: also return :meth:`compute_convergence_delta` (``full_lrp``, ``attnlrp``,
+                ``cp_lrp``: the methods that carry relevance to the input).
             \*\*kwargs: ``explain``'s keyword arguments, over the construction's defaults.
 
         Returns:
@@ -75,28 +76,36 @@ class TransformerAttribution(Attribution):
             attributions = exp.relevance
         elif not pixels:
             attributions = exp.maps()
-        else:  # full LRP's own pixel relevance, the others' patch maps upsampled
+        else:  # the pixel relevance of the methods that reach the pixels, the others' patch maps upsampled
             attributions = exp.image_maps(normalize=False)[:, None].expand(-1, model_inputs.shape[1], -1, -1)
         if return_convergence_delta:
-            return attributions, self.compute_convergence_delta(attributions, method=method)
+            put_in = None if exp.conservation is None else exp.conservation.initial_relevance
+            return attributions, self.compute_convergence_delta(attributions, method=method, initial_relevance=put_in)
         return attributions
 
     def has_convergence_delta(self) -> bool:
         return True
 
-    def compute_convergence_delta(self, attributions: torch.Tensor, method: str | None = None) -> torch.Tensor:
-        """``1 − Σ attributions`` per sample: how far the relevance reaching the input is from the one-hot target's
-        total. Defined for ``full_lrp`` (relevance propagated to the input); under the baselines' rules it is not 0
-        (their Linear rule does not conserve, docs/method.md §2.4 and §10; ``Explanation.conservation`` has the totals).
-        The other methods output maps, not conserved relevance."""
+    def compute_convergence_delta(self, attributions: torch.Tensor, method: str | None = None,
+                                  initial_relevance: torch.Tensor | None = None) -> torch.Tensor:
+        """``initial_relevance − Σ attributions`` per sample: how far the relevance reaching the input is from what
+        was put in at the target's logit. ``full_lrp`` puts in 1 (a one-hot start; under the baselines' rules the
+        delta is not 0: their Linear rule does not conserve, docs/method.md §2.4 and §10); ``attnlrp`` and
+        ``cp_lrp`` put in the logit itself, which ``initial_relevance`` `[B]` must give (``attribute`` passes it;
+        their biases keep a share, docs/method.md §12.4). ``Explanation.conservation`` has the totals. The other
+        methods output maps, not conserved relevance."""
         method = method or self.method
-        if method != "full_lrp":
-            raise InputError(f"the convergence delta is defined for full_lrp (relevance propagated to the input), "
-                             f"not for {method!r}, whose output is a map")
+        if method not in ("full_lrp", "attnlrp", "cp_lrp"):
+            raise InputError(f"the convergence delta is defined for full_lrp, attnlrp and cp_lrp (relevance "
+                             f"propagated to the input), not for {method!r}, whose output is a map")
+        if method != "full_lrp" and initial_relevance is None:
+            raise InputError(f"{method} puts in the explained logit as relevance: give initial_relevance (the "
+                             "logits), or use attribute(..., return_convergence_delta=True)")
         per_sample = attributions.reshape(attributions.shape[0], -1).sum(1)
         if attributions.dim() == 4:  # pixels: the map is repeated over the channels
             per_sample = per_sample / attributions.shape[1]
-        return 1 - per_sample
+        put_in = 1.0 if method == "full_lrp" else initial_relevance.to(per_sample)
+        return put_in - per_sample
 
     @staticmethod
     def _model_inputs(inputs, additional_forward_args):

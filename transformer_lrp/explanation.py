@@ -26,10 +26,11 @@ class Explanation:
         grid_size: `(h, w)` of the patch grid (vision).
         image_size: `(H, W)` of the input images (vision).
         attention_mask: `[B, T]` bool (text; ``None`` when no position is padding).
-        pixel_relevance: `[B, H, W]`, ``full_lrp`` on vision only: relevance on pixels, summed over channels.
-        conservation: ``full_lrp`` (the methods that carry relevance to the input): the relevance put in at the
-            explained logit against the total that reached the input (:class:`~transformer_lrp.Conservation`);
-            ``None`` for the methods whose output is a map.
+        pixel_relevance: `[B, H, W]`, ``full_lrp``, ``attnlrp`` and ``cp_lrp`` on vision only: relevance on
+            pixels, summed over channels.
+        conservation: ``full_lrp``, ``attnlrp`` and ``cp_lrp`` (the methods that carry relevance to the input): the
+            relevance put in at the explained logit against the total that reached the input
+            (:class:`~transformer_lrp.Conservation`); ``None`` for the methods whose output is a map.
         input_ids: decoder LLMs: `[B, T]`, the tokens the relevance is over (with a
             :class:`~transformer_lrp.targets.Continuation`, the prompt followed by the continuation, left-padded).
         position: decoder LLMs: `[B]` (or `[B, C]`), the position whose next-token logit is explained.
@@ -89,8 +90,8 @@ class Explanation:
         r"""Vision: `[B, H, W]` maps at image resolution (default: the input size; an int is a square size).
 
         Patch maps are upsampled bilinearly (``align_corners=False``, as the paper's evaluation does);
-        ``full_lrp`` already lives on pixels. With ``normalize`` each map is min–max scaled to [0, 1]
-        (a constant map becomes 0).
+        ``full_lrp``, ``attnlrp`` and ``cp_lrp`` already live on pixels. With ``normalize`` each map is min–max
+        scaled to [0, 1] (a constant map becomes 0).
         """
         size = image_size_of(size, self.image_size)
         if self.pixel_relevance is not None:
