@@ -2,6 +2,7 @@
 
     python3 bench/bench_decoder.py --time            # SmolLM2-135M (real weights), 512 tokens, batch 4: time ratios
     python3 bench/bench_decoder.py --memory          # batch 1 at 1k, 2k, 4k and 8k tokens: peak-memory ratios
+    python3 bench/bench_decoder.py --generation      # an answer of 16 tokens: explain_generation against 16 explains
     python3 bench/bench_decoder.py --quick ...       # a tiny random Llama (seconds)
 
 "Input gradient" = the model's own forward (its default SDPA attention, logits at the last position only) and a
@@ -92,6 +93,41 @@ def run_time(args) -> None:
                 input_grad_s=f"{t_grad:.4f}", ratio=f"{ratio:.3f}", goal=TIME_GOALS[method], quick=args.quick)])
 
 
+def run_generation(args) -> None:
+    """One ``explain_generation`` over a given answer (one forward over prompt + answer, one reverse sweep over the
+    answer's rows) against ``n_out`` separate ``explain`` calls, each on the prompt and the answer's earlier tokens,
+    explaining the next answer token: the same numbers, measured side by side."""
+    import transformer_lrp as tl
+
+    model, name = load_model(args.quick)
+    tokens, n_out, batch = (32, 4, 2) if args.quick else (args.tokens, args.answer_tokens, args.batch)
+    inputs, _, _ = case(model, batch, tokens)
+    g = torch.Generator().manual_seed(1)
+    answer = torch.randint(min(100, model.config.vocab_size // 10), model.config.vocab_size, (batch, n_out),
+                           generator=g)
+    ids = torch.cat([inputs["input_ids"], answer], dim=1)
+    print(f"machine: {machine()}; torch {torch.__version__}; float32; {name}, batch {batch}, prompt {tokens} tokens, "
+          f"answer {n_out} tokens; median of {args.repeats}", flush=True)
+    for method in args.methods.split(","):
+        def together(method=method):
+            return tl.explain_generation(model, inputs, answer=answer, method=method, backend=args.backend)
+
+        def separately(method=method):
+            return [tl.explain(model, {"input_ids": ids[:, : tokens + j], "attention_mask":
+                                       torch.ones(batch, tokens + j, dtype=torch.long)}, answer[:, j],
+                               method=method, backend=args.backend) for j in range(n_out)]
+
+        t_together, t_separate = measure([together, separately], args.repeats, "cpu")
+        print(f"{name:<14} {method:<24} explain_generation {t_together:7.3f} s  {n_out} explains {t_separate:7.3f} s  "
+              f"speed-up {t_separate / t_together:5.2f}×", flush=True)
+        if not args.no_save:
+            save_rows(RESULTS / "generation_cost.csv", [dict(
+                date=datetime.date.today().isoformat(), machine=machine(), torch=torch.__version__, model=name,
+                method=method, backend=args.backend, batch=batch, prompt_tokens=tokens, answer_tokens=n_out,
+                explain_generation_s=f"{t_together:.4f}", separate_explains_s=f"{t_separate:.4f}",
+                speedup=f"{t_separate / t_together:.3f}", quick=args.quick)])
+
+
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -151,6 +187,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--time", action="store_true")
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--generation", action="store_true")
+    ap.add_argument("--answer-tokens", type=int, default=16)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
@@ -166,12 +204,14 @@ def main() -> None:
         print(json.dumps(measure_memory(spec["quick"], spec["tokens"], spec["work"], spec["method"],
                                         spec["backend"])))
         return
-    if not (args.time or args.memory):
-        ap.error("give --time and/or --memory")
+    if not (args.time or args.memory or args.generation):
+        ap.error("give --time, --memory and/or --generation")
     if args.time:
         run_time(args)
     if args.memory:
         run_memory(args)
+    if args.generation:
+        run_generation(args)
 
 
 if __name__ == "__main__":
