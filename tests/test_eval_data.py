@@ -53,3 +53,26 @@ def test_planted_rationales_are_exact():
     planted = {w for t, r in zip(bench.texts, bench.rationales) for i, w in enumerate(t.split()) if i in r}
     held_planted = {w for t, r in zip(held.texts, held.rationales) for i, w in enumerate(t.split()) if i in r}
     assert not planted & held_planted
+
+
+class _PieceTokenizer:
+    """Cuts each whitespace word into pieces of at most 4 characters, one token each, so that token and word counts
+    differ as under a real sub-word tokenizer."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [0 for w in text.split() for _ in range(0, len(w), 4)]}
+
+
+def test_sentence_prefixes_are_word_prefixes_of_real_sentences_within_the_token_range():
+    tok = _PieceTokenizer()
+    bench = data.sentence_prefixes(tok, 30, "movies", min_tokens=12, max_tokens=30, seed=5)
+    sentences = {" ".join(t.split()) for _, t in data._read_snippets(data._vader_file(
+        "movieReviewSnippets_GroundTruth.txt", None))}
+    assert len(bench.prefixes) == len(set(bench.prefixes)) == 30 and "Rotten-Tomatoes" in bench.source
+    for prefix, word in zip(bench.prefixes, bench.next_words):
+        assert 12 <= len(tok(prefix)["input_ids"]) <= 30
+        assert any(s.startswith(prefix + " " + word) for s in sentences), prefix  # a cut at a word, not the last
+    assert data.sentence_prefixes(tok, 30, "movies", seed=5).prefixes == bench.prefixes  # deterministic
+    assert data.sentence_prefixes(tok, 30, "movies", seed=6).prefixes != bench.prefixes
+    nyt = data.sentence_prefixes(tok, 5, "nyt", min_tokens=3, max_tokens=6)
+    assert all(3 <= len(tok(p)["input_ids"]) <= 6 for p in nyt.prefixes)

@@ -7,18 +7,24 @@
     a = attr.attribute(input_ids, additional_forward_args=(attention_mask,), method="gae")   # [B, T]
     a, delta = attr.attribute(images, method="full_lrp", return_convergence_delta=True)
 
-The numbers are ``transformer_lrp.explain``'s. Captum's conventions: ``target`` an int, a list or a ``[B]``
-tensor (``None``: each sample's argmax); text inputs either the tokenizer's mapping or ``input_ids`` with the
-model's other positional inputs (``attention_mask``, ``token_type_ids``) in ``additional_forward_args``; the
-attributions have the inputs' shape with ``pixels=True`` (vision) and for text, one value per patch otherwise.
+    from transformer_lrp.captum import LLMTransformerAttribution
+    llm = LLMTransformerAttribution(causal_lm, tokenizer)           # a stock *ForCausalLM the package explains
+    result = llm.attribute("The capital of France is", max_new_tokens=5)   # captum.attr.LLMAttributionResult
+    result.plot_token_attr(); result.plot_seq_attr()
+
+The numbers are ``transformer_lrp.explain``'s (``explain_generation``'s for language models). Captum's
+conventions: ``target`` an int, a list or a ``[B]`` tensor (``None``: each sample's argmax); text inputs either the
+tokenizer's mapping or ``input_ids`` with the model's other positional inputs (``attention_mask``,
+``token_type_ids``) in ``additional_forward_args``; the attributions have the inputs' shape with ``pixels=True``
+(vision) and for text, one value per patch otherwise.
 """
 
 from __future__ import annotations
 
 import torch
-from captum.attr import Attribution
+from captum.attr import Attribution, LLMAttributionResult
 
-from transformer_lrp.api import explain
+from transformer_lrp.api import explain, explain_generation
 from transformer_lrp.errors import InputError
 
 _TEXT_ARGS = ("attention_mask", "token_type_ids")
@@ -127,3 +133,85 @@ class TransformerAttribution(Attribution):
         if len(extra) > len(_TEXT_ARGS):
             raise InputError(f"additional_forward_args: at most {_TEXT_ARGS}, got {len(extra)} values")
         return {"input_ids": inputs, **{k: v for k, v in zip(_TEXT_ARGS, extra) if v is not None}}
+
+
+class LLMTransformerAttribution:
+    r"""What a decoder LLM says, explained token by token, as Captum's ``LLMAttributionResult`` (whose
+    ``plot_token_attr()`` and ``plot_seq_attr()`` draw it), by any method of the package.
+
+    Built on :func:`~transformer_lrp.explain_generation`: one forward over prompt + answer and one reverse sweep for
+    all the answer's tokens. As in Captum's ``LLMGradientAttribution``: one prompt per call, ``token_attr`` has a row
+    per answer token over the prompt's tokens and ``seq_attr`` is the sum of the rows; each row here explains that
+    answer token's logit (Captum's gradient classes explain its log-probability).
+
+    Args:
+        model: a stock ``*ForCausalLM`` (or ``GPT2LMHeadModel``) of a supported family (never modified).
+        tokenizer: its tokenizer.
+        method: the default method of :meth:`attribute`. Default: ``"transformer_attribution"``.
+        \*\*defaults: default keyword arguments of ``explain_generation`` (``start_layer``, ``normalize_rows``,
+            ``backend``).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, method: str = "transformer_attribution", **defaults):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.method = method
+        self.defaults = defaults
+
+    def attribute(self, prompt: str, target: str | torch.Tensor | list[int] | None = None, max_new_tokens: int = 25,
+                  method: str | None = None, include_answer: bool = False, **kwargs) -> LLMAttributionResult:
+        r"""Explain the answer to ``prompt``.
+
+        Args:
+            prompt: the text, tokenized as the tokenizer does by default (its special tokens included; apply a chat
+                template first for a chat model).
+            target: the answer to explain: ``None`` (generated greedily, up to ``max_new_tokens`` and the first
+                end-of-sequence token), a string (tokenized without special tokens) or token ids.
+            method: one of ``transformer_lrp.METHODS``. Default: the one given at construction.
+            include_answer: also attribute to the answer's own earlier tokens: ``input_tokens`` are then the prompt's
+                followed by the answer's, and row ``j`` of ``token_attr`` is 0 from answer token ``j`` on.
+            \*\*kwargs: ``explain_generation``'s keyword arguments, over the construction's defaults.
+
+        Returns:
+            ``captum.attr.LLMAttributionResult`` with ``input_tokens``, ``output_tokens`` (each token decoded alone),
+            ``token_attr`` `[n_out, n_in]`, ``seq_attr`` `[n_in]` and ``output_probs`` `[n_out]` (each answer token's
+            probability under the model after the tokens before it).
+        """
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in self.tokenizer(prompt, return_tensors="pt").items()
+                  if k in ("input_ids", "attention_mask")}
+        answer = None
+        if isinstance(target, str):
+            answer = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+            if not answer:
+                raise InputError("target is an empty answer: it has no token")
+            answer = [answer]
+        elif target is not None:
+            answer = torch.as_tensor(target).reshape(1, -1)
+        options = {**self.defaults, **kwargs}
+        gen = explain_generation(self.model, inputs, max_new_tokens=max_new_tokens, answer=answer,
+                                 method=method or self.method, **options)
+        n_prompt = int(gen.prompt_mask[0].sum())
+        answer_ids = gen.answer_ids[0][gen.answer_mask[0]]
+        columns = gen.matrix(0)  # [n_out, prompt + answer]
+        token_attr = columns if include_answer else columns[:, :n_prompt]
+        inputs_shown = gen.input_ids[0][gen.attention_mask[0]]
+        inputs_shown = inputs_shown if include_answer else inputs_shown[:n_prompt]
+        return LLMAttributionResult(
+            input_tokens=[self.tokenizer.decode([t]) for t in inputs_shown.tolist()],
+            output_tokens=[self.tokenizer.decode([t]) for t in answer_ids.tolist()],
+            seq_attr=token_attr.sum(0), token_attr=token_attr,
+            output_probs=self._answer_probabilities(gen.input_ids, gen.attention_mask, gen.position, answer_ids))
+
+    @torch.no_grad()
+    def _answer_probabilities(self, ids: torch.Tensor, real: torch.Tensor, position: torch.Tensor,
+                              answer_ids: torch.Tensor) -> torch.Tensor:
+        """Each answer token's probability at the position before it, by the stock model (positions counted over the
+        real tokens, as generation numbers them)."""
+        mask = real.long()
+        logits = self.model(input_ids=ids, attention_mask=mask,
+                            position_ids=(mask.cumsum(1) - 1).clamp(min=0) * mask).logits[0]
+        rows = position[0][: answer_ids.shape[0]]
+        return logits[rows].float().softmax(-1).gather(-1, answer_ids[:, None])[:, 0]

@@ -46,7 +46,9 @@ EXAMPLES = f"""examples:
   {PROG} explain --prompt-file questions.txt --model ./my-llama --answer "Paris." --no-chat
 """
 
-EVALUATION_TASKS = ("canvas", "movies", "planted")
+EVALUATION_TASKS = ("canvas", "movies", "planted", "llm_faithfulness")
+# What ``evaluate`` runs without --tasks: the paper's benchmarks on the classifiers (the LLM test is asked for by name).
+DEFAULT_TASKS = ("canvas", "movies", "planted")
 
 
 # -------------------------------------------------------------------------------------------------- explain
@@ -110,7 +112,6 @@ def demo_command(args: argparse.Namespace) -> int:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """Every method on the real-weights benchmarks; writes ``<out>.md`` and ``<out>.csv``."""
-    import platform
     import shlex
 
     from transformer_lrp.evaluation import data, real_models, report, runner
@@ -130,7 +131,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     out = check_output_prefix(args.out)
     models = Path(args.models_dir)
     needed = (["dinov2_canvas.pt"] if "canvas" in tasks else []) + (
-        ["minilm_movies"] if {"movies", "planted"} & set(tasks) else [])
+        ["minilm_movies"] if {"movies", "planted"} & set(tasks) else [])  # SmolLM2 converts itself once if missing
     missing = [name for name in needed if not (models / name).exists()]
     if missing:
         raise CliError(f"--models-dir {args.models_dir}: {', '.join(missing)} missing; build the models with "
@@ -166,19 +167,57 @@ def evaluate_command(args: argparse.Namespace) -> int:
             res = runner.evaluate_rationales(model, tok, bench, methods, batch_size=args.batch_size * 2)
             sections.append((f"Token-F1 against planted rationales: fine-tuned MiniLM, {args.n_planted} sentences "
                              f"(seed {args.seed + 1})", "rationale", res))
+    if "llm_faithfulness" in tasks:
+        sections.append(_llm_faithfulness(args, models, device))
     elapsed = time.perf_counter() - t0
     if rank == 0:
+        import datetime
+
         world = torch.distributed.get_world_size() if distributed else 1
-        command = shlex.join(["transformer-lrp", *sys.argv[1:]])
+        program = "python3 -m transformer_lrp" if sys.argv[0].endswith("__main__.py") else "transformer-lrp"
+        command = program + " " + shlex.join(args.argv)
         header = (f"# transformer-lrp evaluation\n\nCommand: `{command}`  \n"
-                  f"Wall time: {elapsed:.0f} s on {platform.machine()} CPU ({torch.get_num_threads()} threads, "
-                  f"{world} process(es)), torch {torch.__version__}")
+                  f"Wall time: {elapsed:.0f} s on {_machine(device)} ({torch.get_num_threads()} threads, "
+                  f"{world} process(es)), torch {torch.__version__}, {datetime.date.today().isoformat()}")
         out.parent.mkdir(parents=True, exist_ok=True)
         report.write_results(out, sections, header)
         print(out.with_suffix(".md").read_text())
     if distributed:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _llm_faithfulness(args: argparse.Namespace, models: Path, device: torch.device) -> tuple[str, str, dict]:
+    """Next-token MoRF/LeRF on SmolLM2-135M-Instruct over prefixes of real sentences (docs/method.md §6.4)."""
+    from transformer_lrp.demo import assets
+    from transformer_lrp.evaluation import data, llm
+    from transformer_lrp.methods import METHODS
+
+    methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(","))
+    model, tok = assets.smollm2(torch.float32, models / assets.SMOLLM2_DIR)
+    model = model.to(device)
+    bench = data.sentence_prefixes(tok, args.n_prompts, args.prompt_source, seed=args.seed)
+    res = llm.evaluate_llm_faithfulness(model, tok, bench.prefixes, methods, next_words=bench.next_words,
+                                        batch_size=args.batch_size, random_seeds=tuple(range(args.random_seeds)))
+    title = (f"Next-token faithfulness: SmolLM2-135M-Instruct (float32), {args.n_prompts} prefixes (12–30 tokens, "
+             f"seed {args.seed}) of the {bench.source}, removal by deletion, {llm.STEPS} steps, random baseline over "
+             f"{args.random_seeds} seeds")
+    return title, "llm", res
+
+
+def _machine(device: torch.device) -> str:
+    """The processor the run used, in words."""
+    import platform
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.machine()} CPU"
 
 
 # --------------------------------------------------------------------------------------------------- parser
@@ -254,13 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
         kind.add_arguments(groups)
 
     v = sub.add_parser("evaluate", help="run every method on the real-weights benchmarks and write a results table")
-    v.add_argument("--tasks", default=",".join(EVALUATION_TASKS),
-                   help=f"comma list of {', '.join(EVALUATION_TASKS)} (default: all)")
+    v.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma list of {', '.join(EVALUATION_TASKS)} (default: {','.join(DEFAULT_TASKS)}; "
+                        "llm_faithfulness: next-token MoRF/LeRF on SmolLM2-135M-Instruct, docs/method.md §6.4)")
     v.add_argument("--models-dir", default="models", help="where scripts/build_real_models.py saved the models")
     v.add_argument("--methods", default="all", help="comma list of methods (default: all)")
     v.add_argument("--n-images", type=positive_int, default=100)
     v.add_argument("--n-texts", type=positive_int, default=500)
     v.add_argument("--n-planted", type=positive_int, default=500)
+    v.add_argument("--n-prompts", type=positive_int, default=100, help="llm_faithfulness: prompts (default 100)")
+    v.add_argument("--prompt-source", default="movies", choices=["movies", "nyt"],
+                   help="llm_faithfulness: the sentences cut into prompts (default: the Rotten-Tomatoes sentences)")
+    v.add_argument("--random-seeds", type=positive_int, default=3,
+                   help="llm_faithfulness: random rankings averaged (default 3)")
     v.add_argument("--batch-size", type=positive_int, default=16)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
@@ -285,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0), or an argument error already reported in one line (2)
         return exc.code if isinstance(exc.code, int) else 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given, for the results' header
     with warnings.catch_warnings():
         warnings.showwarning = _warning_line  # a warning is one line too
         warnings.simplefilter("ignore", ConservationWarning)  # the commands print their own conservation lines

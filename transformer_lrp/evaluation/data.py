@@ -200,3 +200,51 @@ def planted_rationales(n: int, seed: int = 0, root: Path | None = None, words_pe
         labels.append(int(sign > 0))
         rationales.append([j for j, w in enumerate(words) if w in planted_set])
     return TextBenchmark(texts, torch.tensor(labels), rationales)
+
+
+@dataclass
+class PrefixBenchmark:
+    """Prefixes of real sentences for next-token tests: each prefix ends at a word boundary, its sentence goes on."""
+
+    prefixes: list[str]
+    next_words: list[str]  # the word the sentence continues with
+    source: str  # which sentence set, in words
+
+
+SENTENCE_SETS = {"movies": "movieReviewSnippets_GroundTruth.txt", "nyt": "nytEditorialSnippets_GroundTruth.txt"}
+SENTENCE_SET_NAMES = {"movies": "Rotten-Tomatoes movie-review sentences (vaderSentiment 3.3.2 sdist)",
+                      "nyt": "NYT editorial sentences (vaderSentiment 3.3.2 sdist)"}
+
+
+def sentence_prefixes(tokenizer, n: int, source: str = "movies", min_tokens: int = 12, max_tokens: int = 30,
+                      seed: int = 0, root: Path | None = None) -> PrefixBenchmark:
+    """``n`` prefixes of real sentences, ``min_tokens``–``max_tokens`` tokens long under ``tokenizer`` (no special
+    tokens counted), cut after a whole word that is not the sentence's last.
+
+    Sentences are taken in a seeded shuffled order, whitespace collapsed; each one gives at most one prefix, its number
+    of words drawn uniformly among the cuts whose token count is in range (a sentence with no such cut is skipped).
+    """
+    if source not in SENTENCE_SETS:
+        raise ValueError(f"source must be one of {sorted(SENTENCE_SETS)}, got {source!r}")
+    rows = _read_snippets(_vader_file(SENTENCE_SETS[source], root))
+    rng = np.random.default_rng(seed)
+    prefixes, next_words = [], []
+    for i in rng.permutation(len(rows)):
+        if len(prefixes) == n:
+            break
+        words = rows[i][1].split()
+        cuts = []
+        for k in range(1, len(words)):
+            length = len(tokenizer(" ".join(words[:k]), add_special_tokens=False)["input_ids"])
+            if length > max_tokens:
+                break  # longer prefixes only have more tokens
+            if length >= min_tokens:
+                cuts.append(k)
+        if cuts:
+            k = cuts[int(rng.integers(len(cuts)))]
+            prefixes.append(" ".join(words[:k]))
+            next_words.append(words[k])
+    if len(prefixes) < n:
+        raise ValueError(f"only {len(prefixes)} sentences of {source!r} have a prefix of {min_tokens}–{max_tokens} "
+                         f"tokens; asked for {n}")
+    return PrefixBenchmark(prefixes, next_words, SENTENCE_SET_NAMES[source])

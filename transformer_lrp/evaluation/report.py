@@ -12,6 +12,11 @@ COLUMNS = {
               ("fg_ap", "fg AP ↑")],
     "text": [("negative_predicted_auc", "neg. AUC ↑ (pred.)"), ("positive_predicted_auc", "pos. AUC ↓ (pred.)"),
              ("negative_target_auc", "neg. AUC ↑ (target)"), ("positive_target_auc", "pos. AUC ↓ (target)")],
+    # next-token faithfulness of LLMs (evaluation.llm): areas of curves normalized by the unperturbed logit, so 3 digits
+    "llm": [("lerf_auc", "LeRF AUC ↑", ".3f"), ("morf_auc", "MoRF AUC ↓", ".3f"),
+            ("area", "ΔA logit ↑", ".3f"), ("area_sem", "± s.e.", ".3f"),
+            ("lerf_prob_auc", "LeRF AUC prob. ↑", ".3f"), ("morf_prob_auc", "MoRF AUC prob. ↓", ".3f"),
+            ("prob_area", "ΔA prob. ↑", ".3f"), ("explain_ms", "ms / prompt", ".0f")],
 }
 
 
@@ -23,7 +28,8 @@ def markdown_table(results: dict[str, dict[str, float]], kind: str) -> str:
         cols = COLUMNS[kind]
     lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{results[m][c[0]]:.2f}" for c in cols) + " |")
+        lines.append(f"| {m} | " + " | ".join(format(results[m][c[0]], c[2] if len(c) > 2 else ".2f")
+                                            for c in cols) + " |")
     return "\n".join(lines)
 
 
