@@ -135,6 +135,27 @@ def test_backward_kernels_match_reference(case, setting, monkeypatch):
         assert out["grad_key"].shape == k.shape  # one gradient per shared head, not per query head
 
 
+def test_wide_heads_split_the_key_tile_pass(monkeypatch):
+    """Heads wider than 128 carrying gradient and relevance run the key tiles twice (gradient with the map and the
+    rollout, then relevance with the mask add's sums): the same outputs as the reference, every one written."""
+    from transformer_lrp._target import record_launches
+
+    skip_fp64_attention_on_gpu(torch.float64)
+    case = CASES[-1]
+    q, k, v, key_mask, d_o, r_o, roll = _inputs(case)
+    o, lse = attention_forward(q, k, v, 0.3, key_mask, causal=True)
+    kw = dict(grad_out=d_o, rel_out=r_o, rollout=roll, key_mask=key_mask, causal=True, mask_add=True,
+              map_mode="transformer_attribution", want_map=True, normalize_rows=True)
+    ref = attention_relevance(q, k, v, o, lse, 0.3, backend="torch", **kw)
+    with nan_buffers(monkeypatch), record_launches(execute=True) as rec:
+        out = attention_relevance(q, k, v, o, lse, 0.3, backend="triton", **kw)
+    kv = [ln.constexprs for ln in rec.launches if ln.name == "_attn_bwd_kv_kernel"]
+    assert [(c["NEED_GRAD"], c["NEED_REL"], c["MAP"] != 0) for c in kv] == [(True, False, True), (False, True, False)]
+    assert set(out) == set(ref)
+    for name in ref:
+        _close(out[name], ref[name], 1e-11, name)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_weighted_map_kernel_matches_reference(case, monkeypatch):
     """GradCAM's head-weighted map with shared heads, the causal mask, left padding and the window: the requested

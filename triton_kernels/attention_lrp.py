@@ -806,17 +806,27 @@ def attention_bwd(
     sums = new(b, hk, nk, 2, dtype=acc) if (mask_add and need_rel) else dummy
     want_map = want_map and mode != MAP_NONE
     mapout = torch.zeros(b, nq, nk, dtype=acc, device=q.device) if want_map else dummy
-    if need_grad or need_rel or rolling or want_map:
+    # Heads wider than 128 (Gemma's 256) carrying gradient and relevance: four [BLOCK_N, d] accumulators spill at
+    # every tile (bench/compile_check.py), so the key tiles run twice, the gradient (with the map and the rollout)
+    # and then the relevance, each with two accumulators; the second recomputes the tile's products.
+    split = need_grad and need_rel and bd > 128
+    passes = [(need_grad, need_rel and not split, True)] + ([(False, True, False)] if split else [])
+    for grad_pass, rel_pass, map_pass in passes:
+        if not (grad_pass or rel_pass or (map_pass and (rolling or want_map))):
+            continue
+        flags_pass = dict(common, NEED_GRAD=grad_pass, NEED_REL=rel_pass, MASK_ADD=mask_add and rel_pass,
+                          MAP=mode if map_pass else MAP_NONE)
         launch(
             _attn_bwd_kv_kernel, _grid_rows(b * hk, nk, "BLOCK_N"),
             (q, k, v, do, half_s, lse, delta, keep, krange, weights, dk, dv, rk, rv, roll, sums, mapout, *strides,
              consts, *sizes),
-            dict(ROLLOUT=rolling, WANT_MAP=want_map, NEED_DP=need_grad or mode in (MAP_TA, MAP_GAE),
-                 NEED_RA=need_rel or mode in _NEEDS_RA, **common),
-            attention_candidates("bwd_kv", products, bd, _pow2(nq), _pow2(nk), arch, heavy=need_rel and need_grad,
+            dict(ROLLOUT=rolling and map_pass, WANT_MAP=want_map and map_pass,
+                 NEED_DP=grad_pass or (map_pass and mode in (MAP_TA, MAP_GAE)),
+                 NEED_RA=rel_pass or (map_pass and mode in _NEEDS_RA), **flags_pass),
+            attention_candidates("bwd_kv", products, bd, _pow2(nq), _pow2(nk), arch, heavy=rel_pass and grad_pass,
                                  causal=causal),
             _SIZE_KEY,
-            reset=("MAPOUT",) if want_map else ())
+            reset=("MAPOUT",) if want_map and map_pass else ())
     if need_grad:
         result["grad_key"], result["grad_value"] = dk, dv
     if need_rel:
