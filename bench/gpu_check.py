@@ -797,9 +797,9 @@ MEASURED: dict[str, float] = {}  # filled by the dry run: start-up and CPU refer
 def plan() -> dict[str, list[Stage]]:
     workers = max(1, min(len(WORKLOADS) * len(DTYPES), DEVICE_CPUS - 1))
     # A verdict worker (one workload, one precision) starts Python, torch and CUDA, builds its model and three jittered
-    # copies, and runs 7 methods on the reference path 4 times and on its kernel backend once: start-up measured
+    # copies, and runs every method on the reference path 4 times and on its kernel backend once: start-up measured
     # here, CUDA context and cuBLAS initialisation modelled at 15 s, each small-model run at 0.5 s.
-    worker_s = lambda: MEASURED.get("startup", 10.0) + 15.0 + 7 * (REALIZATIONS + 1) * 0.5  # noqa: E731
+    worker_s = lambda: MEASURED.get("startup", 10.0) + 15.0 + len(METHODS) * (REALIZATIONS + 1) * 0.5  # noqa: E731
     return {
         "verdicts": [
             Stage("setup", 20, stage_setup, other_s=lambda: MEASURED.get("startup", 10.0),

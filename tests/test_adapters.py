@@ -95,10 +95,12 @@ def test_unsupported_models_are_named(build, what):
 
 
 def test_unsupported_transformers_family_is_named():
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers import ElectraConfig, ElectraForSequenceClassification
 
-    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=30, num_labels=2))
-    with pytest.raises(tl.UnsupportedModelError, match="GPT2ForSequenceClassification"):
+    config = ElectraConfig(num_hidden_layers=1, hidden_size=16, embedding_size=16, num_attention_heads=2,
+                           intermediate_size=32, vocab_size=30, num_labels=2)
+    model = ElectraForSequenceClassification(config)
+    with pytest.raises(tl.UnsupportedModelError, match="ElectraForSequenceClassification"):
         tl.explain(model, {"input_ids": torch.tensor([[1, 2, 3]])})
 
 

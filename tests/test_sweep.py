@@ -58,8 +58,10 @@ def _assert_close(out, ref, rel):
     assert err <= rel, f"relative error {err:.2e}"
 
 
-# every method; the layered ones (start_layer, normalize_rows) at every setting
-CALLS = [(m, s) for m in methods.METHODS for s in (SETTINGS if m in methods.LAYERED else ["all_layers"])]
+# every method the engine implements (the rule sets AttnLRP and CP-LRP have their own oracle, the stock model's
+# modified gradient: tests/test_modified_gradient.py); the layered ones at every setting
+ENGINE_METHODS = [m for m in methods.METHODS if m not in methods.MODIFIED_GRADIENT]
+CALLS = [(m, s) for m in ENGINE_METHODS for s in (SETTINGS if m in methods.LAYERED else ["all_layers"])]
 
 
 @pytest.mark.parametrize("method, setting", CALLS, ids=[f"{m}-{s}" for m, s in CALLS])
@@ -70,7 +72,9 @@ def test_sweep_with_reference_ops_equals_engine(family, method, setting):
     if method == "rollout":  # always row-normalized
         kw = dict(kw, normalize_rows=True)
     ref, out = _rows(make_model(), make_inputs(), method, kw, "torch")
-    _assert_close(out, ref, 1e-12)
+    # full LRP ends in pixels, through the patch embedding's ε-rule, whose signed sums cancel: there the two orders
+    # of summation differ by ~1e4 ulp of the largest pixel (1.3e-12 measured), elsewhere by less than 1e-12
+    _assert_close(out, ref, 1e-11 if method == "full_lrp" else 1e-12)
 
 
 TRITON_CASES = {
