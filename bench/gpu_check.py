@@ -343,16 +343,18 @@ def _tiny_llama():
         num_key_value_heads=2, max_position_embeddings=64))
 
 
+# the CPU rehearsal's (GPU_CHECK_TINY=1): tiny models of the same families
+TINY_WORKLOADS = [
+    Workload("tiny_vit", _tiny_vit, lambda m: _images(m)[..., :32, :32], _record(_tiny_vit, 2)),
+    Workload("tiny_bert_padded", _tiny_bert, lambda m: _text(m, (12, 7)), _record(_tiny_bert, 2, tokens=12)),
+    Workload("tiny_clip_pairs", _tiny_clip, lambda m: {**_clip_pairs(m, (6, 4)),
+                                                       "pixel_values": _images(m)[..., :32, :32]},
+             _record_clip(2, 6)),
+    Workload("tiny_llama_left_padded", _tiny_llama, lambda m: _prompts(m, (9, 5)),
+             _record(_tiny_llama, 2, tokens=9)),
+]
 if TINY:
-    WORKLOADS = [
-        Workload("tiny_vit", _tiny_vit, lambda m: _images(m)[..., :32, :32], _record(_tiny_vit, 2)),
-        Workload("tiny_bert_padded", _tiny_bert, lambda m: _text(m, (12, 7)), _record(_tiny_bert, 2, tokens=12)),
-        Workload("tiny_clip_pairs", _tiny_clip, lambda m: {**_clip_pairs(m, (6, 4)),
-                                                           "pixel_values": _images(m)[..., :32, :32]},
-                 _record_clip(2, 6)),
-        Workload("tiny_llama_left_padded", _tiny_llama, lambda m: _prompts(m, (9, 5)),
-                 _record(_tiny_llama, 2, tokens=9)),
-    ]
+    WORKLOADS = TINY_WORKLOADS
 METHODS = ("transformer_attribution", "gae", "rollout", "raw_attention", "attention_gradcam", "partial_lrp",
            "full_lrp", "attnlrp", "cp_lrp")
 VERDICT_RUNS = [(m, 0, False) for m in METHODS]
@@ -804,14 +806,14 @@ def plan() -> dict[str, list[Stage]]:
         "verdicts": [
             Stage("setup", 20, stage_setup, other_s=lambda: MEASURED.get("startup", 10.0),
                   note="versions; the CUDA C++ build starts in the background"),
-            Stage("references", 90, stage_references, other_s=_measured("references"),
+            Stage("references", 50, stage_references, other_s=_measured("references"),
                   note="CPU float64 references and input-rounding errors, a process per workload (see "
                        "measure_references)"),
-            Stage("triton", 160, stage_triton_verdicts, compiles=lambda: _stage_jobs("triton"),
+            Stage("triton", 220, stage_triton_verdicts, compiles=lambda: _stage_jobs("triton"),
                   parallel=lambda: workers, per_worker=lambda: _verdict_jobs("triton"),
                   other_s=lambda: worker_s() * -(-len(WORKLOADS) * len(DTYPES) // workers),
                   note=f"{len(WORKLOADS) * len(DTYPES)} workers (workload × precision), {workers} at a time"),
-            Stage("cuda", 150, stage_cuda_verdicts, compiles=lambda: _stage_jobs("cuda"), parallel=lambda: workers,
+            Stage("cuda", 130, stage_cuda_verdicts, compiles=lambda: _stage_jobs("cuda"), parallel=lambda: workers,
                   per_worker=lambda: _verdict_jobs("cuda"),
                   other_s=lambda: worker_s() * -(-len(WORKLOADS) * len(DTYPES) // workers) + max(
                       0.0, CUDA_BUILD_MODEL_S - MEASURED.get("elapsed", 0.0)),

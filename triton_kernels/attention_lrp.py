@@ -598,16 +598,22 @@ _ATTENTION_TILES = {
         "ieee": {"narrow": [(16, 32, 8, 1)], "wide": [(16, 16, 8, 1)], "xwide": [(16, 16, 8, 1)]},
     },
 }
-# With a causal mask (bench/compile_check.py, the CLIP text tower): IEEE float32's forward and TF32's query-tile
-# backward need a smaller tile or fewer accumulator lanes than without it to stay spill-free.
+# With a causal mask (bench/compile_check.py: the CLIP text tower and the decoders, sm_80 and sm_90a, Triton 3.8 and
+# 3.6): IEEE float32's forward and TF32's query-tile backward need a smaller tile or fewer accumulator lanes than
+# without it to stay spill-free.
 _CAUSAL_TILES = {
     "fwd": {"ieee": {"narrow": [(16, 16, 4, 1)]}},
     # IEEE: 16 × 16 at 8 warps spilled 4 B (the row sums of the causal rollout, both Triton versions)
     "bwd_q": {"tf32": {"narrow": [(64, 16, 8, 2), (16, 32, 4, 2)]},
               "ieee": {"narrow": [(16, 16, 4, 1), (32, 16, 8, 1)]}},
-    # the relevance-only key-tile pass (full LRP on a causal tower): 32 × 32 spilled 16 B at 4 warps on sm_90a
-    # (Triton 3.8) and 8–16 B at 8 warps (Triton 3.6)
-    "bwd_kv": {"tf32": {"narrow": [(16, 32, 8, 2), (16, 32, 4, 2)]}},
+    # The key-tile pass without the heavy pairing (full LRP, GAE, the lowest block's map, the rule sets) on a
+    # left-padded causal batch: in float32 every tile from 16 × 16 to 64 × 16 at 2, 4 or 8 warps spilled 4–24 B in
+    # some flag set under one Triton or the other (the values held across the query heads' loop); 16 warps leave
+    # each thread a quarter of a 16 × 32 tile and none spills. bf16/fp16: 16 × 32 at 8 warps spilled 4 B (Triton 3.6).
+    "bwd_kv": {"half": {"narrow": [(16, 16, 8, 2)]}, "tf32": {"narrow": [(16, 32, 16, 2)]},
+               "ieee": {"narrow": [(16, 32, 16, 1)]}},
+    # gradient and relevance together, IEEE float32: 16 × 32 at 8 warps spilled 4 B on sm_80 (Triton 3.8)
+    "bwd_kv_heavy": {"ieee": {"narrow": [(32, 16, 8, 1)]}},
 }
 # Hopper only: deeper software pipelines for the forward (more shared memory in flight than on an A100).
 _SM90_EXTRA = {
