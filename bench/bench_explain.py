@@ -240,19 +240,25 @@ def main() -> None:
 
 
 def save_rows(path: Path, rows: list[dict]) -> None:
-    """Append ``rows`` to the CSV at ``path``; a file with another header is moved aside (``.v1.csv``, ``.v2.csv``…)."""
+    """Append ``rows`` to the CSV at ``path``. A file whose columns the rows extend is rewritten with the new columns
+    (empty in its rows); one with other columns is moved aside (``.v1.csv``, ``.v2.csv``…)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    if not new:
+    fields = list(rows[0])
+    if path.exists():
         with path.open() as f:
-            if f.readline().strip().split(",") != list(rows[0]):
-                version = 1
-                while path.with_suffix(f".v{version}.csv").exists():
-                    version += 1
-                path.rename(path.with_suffix(f".v{version}.csv"))
-                new = True
+            header = f.readline().strip().split(",")
+        if header != fields and set(header) <= set(fields):
+            with path.open() as f:
+                rows = [{k: r.get(k, "") for k in fields} for r in csv.DictReader(f)] + rows
+            path.unlink()
+        elif header != fields:
+            version = 1
+            while path.with_suffix(f".v{version}.csv").exists():
+                version += 1
+            path.rename(path.with_suffix(f".v{version}.csv"))
+    new = not path.exists()
     with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         if new:
             w.writeheader()
         w.writerows(rows)

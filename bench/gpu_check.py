@@ -988,7 +988,9 @@ def run_command(command: str) -> int:
             tail = f"--- {stage.name}: " + ("done" if rc == 0 else "TIMED OUT" if rc in (124, 137) else f"exit {rc}")
             print(tail, flush=True)
             f.write(tail + "\n")
-    print(f"=== {command} done in {time.time() - start:.0f} s; results in {out_dir()}", flush=True)
+        done = f"=== {command} done in {time.time() - start:.0f} s; results in {out_dir()}"
+        print(done, flush=True)
+        f.write(done + "\n")  # the log says the command ran to its end
     return 0
 
 

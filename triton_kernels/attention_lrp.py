@@ -602,10 +602,15 @@ _ATTENTION_TILES = {
 # 3.6): IEEE float32's forward and TF32's query-tile backward need a smaller tile or fewer accumulator lanes than
 # without it to stay spill-free.
 _CAUSAL_TILES = {
-    "fwd": {"ieee": {"narrow": [(16, 16, 4, 1)]}},
-    # IEEE: 16 × 16 at 8 warps spilled 4 B (the row sums of the causal rollout, both Triton versions)
-    "bwd_q": {"tf32": {"narrow": [(64, 16, 8, 2), (16, 32, 4, 2)]},
-              "ieee": {"narrow": [(16, 16, 4, 1), (32, 16, 8, 1)]}},
+    # TF32: 64 × 32 at 4 warps spilled 4 B on sm_80 and 64 × 16 at 8 warps on a 128-wide head (Triton 3.8)
+    "fwd": {"ieee": {"narrow": [(16, 16, 4, 1)]},
+            "tf32": {"narrow": [(64, 64, 4, 2), (32, 32, 4, 3), (128, 16, 8, 2)],
+                     "wide": [(32, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 3)]}},
+    # IEEE: 16 × 16 at 8 warps spilled 4 B (the row sums of the causal rollout, both Triton versions); the decoders
+    # (left padding, shared key/value heads, windows) drop the candidates that spilled in one of their flag sets
+    "bwd_q": {"half": {"narrow": [(64, 16, 4, 2)], "wide": [(32, 16, 4, 2)]},
+              "tf32": {"narrow": [(16, 32, 4, 2)]},
+              "ieee": {"narrow": [(16, 16, 4, 1), (32, 16, 8, 1)], "wide": [(16, 16, 8, 1)]}},
     # The key-tile pass without the heavy pairing (full LRP, GAE, the lowest block's map, the rule sets) on a
     # left-padded causal batch: in float32 every tile from 16 × 16 to 64 × 16 at 2, 4 or 8 warps spilled 4–24 B in
     # some flag set under one Triton or the other (the values held across the query heads' loop); 16 warps leave
