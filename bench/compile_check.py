@@ -227,8 +227,9 @@ def record_case(case: ModelCase, dtype_label: str, arch: int, runs: list | None 
 
     with record_launches(arch=arch, tf32=tf32) as rec:
         for key_mask in masks:
+            # from_gradient: (tokens, None) for text, (pixels, patches) for vision; only the launches matter here
             emb = Embedded(tokens, key_mask, to_input=lambda r, rule: (r.sum(-1), None), pool_index=pool,
-                           positions=positions, from_gradient=lambda g: ((tokens * g).sum(-1),) * 2)  # vision: pixels, patches
+                           positions=positions, from_gradient=lambda g: ((tokens * g).sum(-1),) * 2)
             for method, start, norm in (runs if runs is not None else settings(enc.depth)):
                 start = start + enc.depth if start < 0 else start
                 methods.run(enc, emb, method, None, start, norm, target, backend=backend)
