@@ -613,8 +613,8 @@ _CAUSAL_TILES = {
               "ieee": {"narrow": [(16, 16, 4, 1), (32, 16, 8, 1)], "wide": [(16, 16, 8, 1)]}},
     # The key-tile pass without the heavy pairing (full LRP, GAE, the lowest block's map, the rule sets) on a
     # left-padded causal batch: in float32 every tile from 16 × 16 to 64 × 16 at 2, 4 or 8 warps spilled 4–24 B in
-    # some flag set under one Triton or the other (the values held across the query heads' loop); 16 warps leave
-    # each thread a quarter of a 16 × 32 tile and none spills. bf16/fp16: 16 × 32 at 8 warps spilled 4 B (Triton 3.6).
+    # some flag set under one Triton or the other (values held across the query heads' loop); at 16 warps a 16 × 32
+    # tile is one element per thread and none spills. bf16/fp16: 16 × 32 at 8 warps spilled 4 B (Triton 3.6).
     "bwd_kv": {"half": {"narrow": [(16, 16, 8, 2)]}, "tf32": {"narrow": [(16, 32, 16, 2)]},
                "ieee": {"narrow": [(16, 32, 16, 1)]}},
     # gradient and relevance together, IEEE float32: 16 × 32 at 8 warps spilled 4 B on sm_80 (Triton 3.8)
