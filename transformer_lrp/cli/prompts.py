@@ -34,6 +34,7 @@ from transformer_lrp.cli.common import (
     positive_int,
     quiet_transformers,
     read_hf_config,
+    read_inline_texts,
     read_text_file,
     save_raw,
     wrong_kind,
@@ -74,12 +75,7 @@ def read(args) -> tuple[list[Text], list[str] | None]:
     """The prompts (named by where they came from) and the answers to explain, if given; an empty prompt or answer,
     answers that do not pair with the prompts and ``--target`` are errors."""
     check_encoding(args.encoding)
-    prompts = []
-    for number, text in enumerate(args.prompt or [], start=1):
-        if not text.strip():
-            what = "empty" if not text else "only whitespace"
-            raise CliError(f"--prompt number {number} is {what}: there is nothing to answer")
-        prompts.append(Text(f"prompt {number}", text))
+    prompts = read_inline_texts(args.prompt, "--prompt", "prompt", "answer")
     for path in args.prompt_file or []:
         prompts += read_text_file(path, args.encoding, option="--prompt-file")
     if args.target is not None:

@@ -30,6 +30,7 @@ from transformer_lrp.cli.common import (
     load_tokenizer,
     note_unknown,
     read_hf_config,
+    read_inline_texts,
     read_text_file,
     save_raw,
     supported_encoder,
@@ -59,12 +60,7 @@ def claims(args) -> int:
 def read(args) -> list[Text]:
     """Every text of the command line, named by where it came from; an empty one is an error."""
     check_encoding(args.encoding)
-    texts = []
-    for number, text in enumerate(args.text or [], start=1):
-        if not text.strip():
-            what = "empty" if not text else "only whitespace"
-            raise CliError(f"--text number {number} is {what}: there is nothing to explain in it")
-        texts.append(Text(f"text {number}", text))
+    texts = read_inline_texts(args.text, "--text", "text", "explain in it")
     for path in args.text_file or []:
         texts += read_text_file(path, args.encoding)
     return texts
