@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import heapq
 import os
 import platform
 import subprocess
@@ -589,9 +590,26 @@ def _run_workers(jobs: list[list[str]], parallel: int) -> None:
         t.join(timeout=5)
 
 
+# The verdict workers start heaviest first (most Triton compilations, as the dry run counts them: CLIP's two towers,
+# then Gemma's split 256-wide passes, ...; TF32 adds its own key-tile passes), so the light ones fill the cores that
+# free up and the stage ends with its busiest worker, not behind it. The dry run models this order, not a sorted one.
+VERDICT_HEAVIEST_FIRST = ("clip", "gemma", "vit", "bert")
+VERDICT_DTYPE_ORDER = ("tf32", "bf16", "fp16", "fp32")
+
+
+def verdict_workers() -> list[tuple[Workload, str]]:
+    """The verdict stages' workers (workload × precision) in the order they start."""
+    def rank(pair):
+        w, d = pair
+        tag = next((i for i, t in enumerate(VERDICT_HEAVIEST_FIRST) if t in w.name), len(VERDICT_HEAVIEST_FIRST))
+        return tag, VERDICT_DTYPE_ORDER.index(d)
+
+    return sorted(((w, d) for w in WORKLOADS for d in DTYPES), key=rank)
+
+
 def stage_triton_verdicts() -> None:
-    jobs = [["--worker", w.name, d, "triton"] for w in WORKLOADS for d in DTYPES]
-    _run_workers(jobs, parallel=max(1, min(len(jobs), (os.cpu_count() or 2) - 1)))
+    jobs = [["--worker", w.name, d, "triton"] for w, d in verdict_workers()]
+    _run_workers(jobs, parallel=verdict_parallel(os.cpu_count() or 2))
 
 
 def _cuda_extension_ready(wait_s: float) -> str | None:
@@ -625,8 +643,8 @@ def stage_cuda_verdicts() -> None:
                                                             error="", bound="", verdict="SKIP", detail=why,
                                                             seconds=""))
         return
-    jobs = [["--worker", w.name, d, "cuda"] for w in WORKLOADS for d in DTYPES]
-    _run_workers(jobs, parallel=max(1, min(len(jobs), (os.cpu_count() or 2) - 1)))
+    jobs = [["--worker", w.name, d, "cuda"] for w, d in verdict_workers()]
+    _run_workers(jobs, parallel=verdict_parallel(os.cpu_count() or 2))
 
 
 def stage_warm(which: str) -> None:
@@ -704,10 +722,11 @@ class Stage:
     run: Callable[[], None]
     compiles: Callable[[], dict] = dict  # the compile jobs it triggers (key → job), for the dry run
     parallel: Callable[[], int] = lambda: 1  # how many processes compile at once on the device
-    # the jobs each of its worker processes compiles itself (workers run in one wave): the stage waits for the
-    # busiest; None: one process, or a pool sharing the jobs
+    # the jobs each of its worker processes compiles itself, in the order they start (`parallel` at a time, the next
+    # as one ends); None: one process, or a pool sharing the jobs
     per_worker: Callable[[], list[dict]] | None = None
-    other_s: Callable[[], float] = lambda: 0.0  # its other work, measured or modelled (seconds)
+    worker_s: Callable[[], float] = lambda: 0.0  # a worker's own work besides compiling (seconds)
+    other_s: Callable[[], float] = lambda: 0.0  # the stage's other work, measured or modelled (seconds)
     note: str = ""
     warms_for: tuple[str, ...] = ()  # later stages whose compilations it performs (a warm cache)
 
@@ -733,12 +752,11 @@ def _jobs_of(launches) -> dict:
 def _verdict_jobs(backend: str) -> list[dict]:
     """Per verdict worker (workload × precision), the jobs it compiles."""
     out = []
-    for w in WORKLOADS:
-        for d in DTYPES:
-            recorded = w.record(d, 90, VERDICT_RUNS)
-            if backend == "cuda":  # the CUDA C++ backend leaves only the α1β0 passes to Triton
-                recorded = [ln for ln in recorded if ln.name.startswith("_alpha1beta0")]
-            out.append(_jobs_of(recorded))
+    for w, d in verdict_workers():
+        recorded = w.record(d, 90, VERDICT_RUNS)
+        if backend == "cuda":  # the CUDA C++ backend leaves only the α1β0 passes to Triton
+            recorded = [ln for ln in recorded if ln.name.startswith("_alpha1beta0")]
+        out.append(_jobs_of(recorded))
     return out
 
 
@@ -796,27 +814,40 @@ def _measured(key: str) -> Callable[[], float]:
 MEASURED: dict[str, float] = {}  # filled by the dry run: start-up and CPU reference times measured here
 
 
+def verdict_parallel(cpus: int) -> int:
+    """Verdict workers at once: one core left to the stage's own process and the relays."""
+    return max(1, min(len(WORKLOADS) * len(DTYPES), cpus - 1))
+
+
+def list_schedule(durations: list[float], slots: int) -> float:
+    """When the last of ``durations`` ends, started in order on ``slots`` slots, each as soon as one is free."""
+    free = [0.0] * max(1, slots)
+    for d in durations:
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + d)
+    return max(free)
+
+
 def plan() -> dict[str, list[Stage]]:
-    workers = max(1, min(len(WORKLOADS) * len(DTYPES), DEVICE_CPUS - 1))
+    workers = verdict_parallel(DEVICE_CPUS)
     # A verdict worker (one workload, one precision) starts Python, torch and CUDA, builds its model and three jittered
     # copies, and runs every method on the reference path 4 times and on its kernel backend once: start-up measured
     # here, CUDA context and cuBLAS initialisation modelled at 15 s, each small-model run at 0.5 s.
     worker_s = lambda: MEASURED.get("startup", 10.0) + 15.0 + len(METHODS) * (REALIZATIONS + 1) * 0.5  # noqa: E731
     return {
         "verdicts": [
-            Stage("setup", 20, stage_setup, other_s=lambda: MEASURED.get("startup", 10.0),
+            Stage("setup", 15, stage_setup, other_s=lambda: MEASURED.get("startup", 10.0),
                   note="versions; the CUDA C++ build starts in the background"),
-            Stage("references", 50, stage_references, other_s=_measured("references"),
+            Stage("references", 35, stage_references, other_s=_measured("references"),
                   note="CPU float64 references and input-rounding errors, a process per workload (see "
                        "measure_references)"),
-            Stage("triton", 220, stage_triton_verdicts, compiles=lambda: _stage_jobs("triton"),
-                  parallel=lambda: workers, per_worker=lambda: _verdict_jobs("triton"),
-                  other_s=lambda: worker_s() * -(-len(WORKLOADS) * len(DTYPES) // workers),
-                  note=f"{len(WORKLOADS) * len(DTYPES)} workers (workload × precision), {workers} at a time"),
-            Stage("cuda", 130, stage_cuda_verdicts, compiles=lambda: _stage_jobs("cuda"), parallel=lambda: workers,
-                  per_worker=lambda: _verdict_jobs("cuda"),
-                  other_s=lambda: worker_s() * -(-len(WORKLOADS) * len(DTYPES) // workers) + max(
-                      0.0, CUDA_BUILD_MODEL_S - MEASURED.get("elapsed", 0.0)),
+            Stage("triton", 225, stage_triton_verdicts, compiles=lambda: _stage_jobs("triton"),
+                  parallel=lambda: workers, per_worker=lambda: _verdict_jobs("triton"), worker_s=worker_s,
+                  note=f"{len(WORKLOADS) * len(DTYPES)} workers (workload × precision), {workers} at a time, "
+                       "heaviest first"),
+            Stage("cuda", 145, stage_cuda_verdicts, compiles=lambda: _stage_jobs("cuda"), parallel=lambda: workers,
+                  per_worker=lambda: _verdict_jobs("cuda"), worker_s=worker_s,
+                  other_s=lambda: max(0.0, CUDA_BUILD_MODEL_S - MEASURED.get("elapsed", 0.0)),
                   note=f"waits for the background build (modelled {CUDA_BUILD_MODEL_S} s from setup) at most "
                        f"{CUDA_BUILD_WAIT_S} s"),
         ],
@@ -866,14 +897,20 @@ def measure_compile_cost(jobs: list[dict], sample: int = 6) -> float:
         os.environ.update(env)
         try:
             t0 = time.time()
-            cc.run_jobs(picked, 1, progress=False)
-            return (time.time() - t0) / max(1, len(picked))
+            results = cc.run_jobs(picked, 1, progress=False)
+            seconds = (time.time() - t0) / max(1, len(picked))
         finally:
             for k, v in old.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+    # a job that failed fast (an import error, a compiler crash) would make compilation look free
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(picked)} sampled compilations failed, so their cost is unknown: "
+                           f"{failed[0].get('error', failed[0]['status'])}")
+    return seconds
 
 
 def measure_startup() -> float:
@@ -927,18 +964,21 @@ def dry_run(command: str) -> int:
         # a stage after the warm stage compiles nothing if Triton's cache serves it; the estimate assumes it does
         # not (the worst case), and says so
         parallel = stage.parallel()
-        if stage.per_worker is not None:  # workers run `parallel` at a time: each wave waits for its busiest
-            counts = sorted((len([k for k in jobs if k not in done]) for jobs in stage.per_worker()), reverse=True)
-            compile_s = sum(counts[i] for i in range(0, len(counts), parallel)) * cost
+        other_s = stage.other_s()
+        if stage.per_worker is not None:  # the workers' schedule, with and without their compilations
+            counts = [len([k for k in jobs if k not in done]) for jobs in stage.per_worker()]
+            idle = list_schedule([stage.worker_s()] * len(counts), parallel)
+            compile_s = list_schedule([stage.worker_s() + n * cost for n in counts], parallel) - idle
+            other_s += idle
         else:
             compile_s = len(fresh) * cost / parallel
-        est = compile_s + stage.other_s()
+        est = compile_s + other_s
         MEASURED["elapsed"] = MEASURED.get("elapsed", 0.0) + est
         share = est / stage.limit_s
         worst = max(worst, share)
         total_limit += stage.limit_s
         total_est += est
-        say(f"{stage.name:<11} {len(jobs):>8} {len(fresh):>5} {parallel:>5} {compile_s:>9.0f} {stage.other_s():>8.0f} "
+        say(f"{stage.name:<11} {len(jobs):>8} {len(fresh):>5} {parallel:>5} {compile_s:>9.0f} {other_s:>8.0f} "
             f"{est:>8.0f} {stage.limit_s:>6} {share:>6.0%}  {stage.note}")
         if not stage.warms_for:
             done.update(jobs)

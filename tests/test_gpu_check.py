@@ -52,6 +52,24 @@ def test_dry_run_fits_one_slot(command):
     assert "OK" in run.stdout.splitlines()[-2]
 
 
+def test_list_schedule_starts_each_worker_on_the_first_free_slot():
+    """Hand-computed schedules: two slots, 5 | 3 then 3 (at 3) and 1 (at 5) end at 6; one slot sums; more slots than
+    workers waits for the longest."""
+    g = _gpu_check()
+    assert g.list_schedule([5, 3, 3, 1], 2) == 6
+    assert g.list_schedule([5, 3, 3, 1], 1) == 12
+    assert g.list_schedule([5, 3, 3, 1], 8) == 5
+    # the lightest first on the same work ends later: 1 | 3, then 3 (at 1), then 5 (at 3) ends at 8
+    assert g.list_schedule([1, 3, 3, 5], 2) == 8
+
+
+def test_verdict_workers_start_every_workload_and_precision_once():
+    g = _gpu_check()
+    pairs = [(w.name, d) for w, d in g.verdict_workers()]
+    assert sorted(pairs) == sorted((w.name, d) for w in g.WORKLOADS for d in g.DTYPES)
+    assert pairs[0][0].startswith("clip") or not any("clip" in w.name for w in g.WORKLOADS)
+
+
 def _explain_error(model, inputs, target, method, backend, ref):
     e = tl.explain(model, inputs, target, method=method, backend=backend)
     return _gpu_check().relative_error(e.relevance, ref)
