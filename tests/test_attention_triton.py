@@ -154,7 +154,8 @@ def test_reference_rules_by_hand():
     torch.testing.assert_close(out["rollout_product"], (roll[:, None] @ e)[:, 0])
     # gradients: those of O = softmax(scale·QKᵀ) V by autograd, also with padded keys
     key_mask = torch.tensor([[True, True, True, False]], device=DEVICE)
-    masked = attention_relevance_ref(q, k, v, o, lse, scale, grad_out=d_o, key_mask=key_mask)
+    o_masked, lse_masked = attention_forward(q, k, v, scale, key_mask)  # the backward reads its forward's lse
+    masked = attention_relevance_ref(q, k, v, o_masked, lse_masked, scale, grad_out=d_o, key_mask=key_mask)
     for mask, res in ((None, out), (key_mask, masked)):
         qq, kk, vv = (x.clone().requires_grad_(True) for x in (q, k, v))
         sc = (qq * scale) @ kk.transpose(-1, -2)

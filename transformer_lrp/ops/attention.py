@@ -114,12 +114,19 @@ def _attended(key_mask, causal, nq, nk, device, window=None, q_offset=0, k_offse
 # Query rows are processed in chunks so that each [B, H, rows, NK] intermediate stays below this many elements: the
 # reference's memory then grows as O(N) per block, not O(N²) (a decoder at 8k tokens would need gigabytes per map).
 CHUNK_ELEMENTS = 1 << 23
+# With the causal mask a chunk reads only the keys up to its last row, so smaller chunks skip more of the masked upper
+# triangle: c equal chunks touch (c + 1) / 2c of the square (8 chunks: 56 %; one or two large ones: 75–100 %). Rows
+# stay at least CAUSAL_MIN_ROWS so each product is still a sizeable GEMM.
+CAUSAL_CHUNKS = 8
+CAUSAL_MIN_ROWS = 64
 
 
 def query_chunks(b: int, h: int, nq: int, nk: int, causal: bool, window: int | None):
     """``(q0, q1, k0, k1)`` per chunk of query rows: the rows and the keys they can attend (causal: none after the
     chunk's last row; a window: none before its first row's window)."""
     rows = max(16, CHUNK_ELEMENTS // max(1, b * h * nk))
+    if causal:
+        rows = min(rows, max(CAUSAL_MIN_ROWS, -(-nq // CAUSAL_CHUNKS)))
     for q0 in range(0, nq, rows):
         q1 = min(nq, q0 + rows)
         k0, k1 = 0, nk
@@ -200,8 +207,46 @@ def attention_forward(
         if out is None:
             return o, lse
         return out.copy_(o), lse
-    o, lse = attention_forward_ref(query, key, value, scale, key_mask, causal, window)
+    o_lse = _attention_forward_sdpa(query, key, value, scale, key_mask, causal, window)
+    o, lse = o_lse if o_lse is not None else attention_forward_ref(query, key, value, scale, key_mask, causal, window)
     return (o, lse) if out is None else (out.copy_(o), lse)
+
+
+# torch's own CPU flash attention (an online softmax over key blocks: no [N, N] scores, one exp per score) returns the
+# rows' log-sum-exp with O, which is all the backward needs; the reference recomputes a softmax and a logsumexp per
+# chunk, about 3x its time. float32 and float64 only (what the reference accumulates in).
+_SDPA_DTYPES = (torch.float32, torch.float64)
+_sdpa_usable = [hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")]
+
+
+def _attention_forward_sdpa(query, key, value, scale, key_mask, causal, window):
+    """``attention_forward_ref``'s result by torch's CPU flash-attention kernel, or ``None`` where that does not apply
+    (not the CPU, half or float64-mixed inputs, a sliding window, or a torch without the op). Padded keys enter as a
+    per-key additive ``-inf`` (``[B, 1, 1, NK]``, no ``[NQ, NK]`` mask); rows without any key get the reference's
+    ``O = 0``, ``lse = EMPTY_ROW_LSE``."""
+    if (not _sdpa_usable[0] or window or query.device.type != "cpu" or query.dtype not in _SDPA_DTYPES
+            or not (query.dtype == key.dtype == value.dtype) or query.shape[-1] != value.shape[-1]):
+        return None
+    _check_causal(causal, query.shape[2], key.shape[2])
+    heads = query.shape[1]
+    mask = None
+    if key_mask is not None:
+        mask = torch.zeros(key_mask.shape, dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill_(~key_mask, float("-inf"))[:, None, None, :]
+    try:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, repeat_kv(key, heads), repeat_kv(value, heads), 0.0, causal, attn_mask=mask, scale=float(scale))
+    except (RuntimeError, TypeError):  # an older torch without the mask argument, or a layout it rejects
+        _sdpa_usable[0] = False
+        return None
+    if key_mask is not None:
+        # a query row attends a key iff a real key is at or before it (causal), or anywhere (not causal)
+        has_key = key_mask.cumsum(dim=1) > 0 if causal else key_mask.any(dim=1, keepdim=True).expand(-1, query.shape[2])
+        empty = ~has_key[:, None, :]
+        if empty.any():
+            o = o.masked_fill(empty[..., None], 0)
+            lse = lse.masked_fill(empty, EMPTY_ROW_LSE)
+    return o, lse.to(accumulation_dtype(query.dtype)).contiguous()  # the kernel stores it [B, NQ, H]
 
 
 def attention_relevance_ref(
@@ -210,9 +255,10 @@ def attention_relevance_ref(
     window=None,
 ) -> dict[str, torch.Tensor]:
     """Reference of ``attention_relevance``: materializes this block's ``A`` one chunk of query rows at a time
-    (``query_chunks``: memory O(N) per block; ``lse`` is not read) and drops it on return. The gradient of softmax
-    attention written out (``∇A = dO Vᵀ``, ``dS = A ⊙ (∇A − rowsum(∇A ⊙ A))``, as autograd computes it:
-    tests/test_attention_triton.py checks it against autograd), the relevance by the rules above; each intermediate
+    (``query_chunks``: memory O(N) per block) as ``exp(S − lse)`` from the forward's ``lse``, and drops it on return.
+    The gradient of softmax attention written out (``∇A = dO Vᵀ``, ``dS = A ⊙ (∇A − δ)`` with ``δ = rowsum(∇A ⊙ A) =
+    rowsum(dO ⊙ O)``: tests/test_attention_triton.py checks it against autograd; a float64 reference needs the float64
+    forward's ``O`` and ``lse``), the relevance by the rules above; each intermediate
     is freed once used. Shared key/value heads (GQA) are repeated for the products and their gradients and relevance
     summed back per head. Row outputs are stacked over the chunks, key outputs summed; BERT's mask add scales
     ``R_Q``, ``R_K`` by its per-sample factor once every chunk's sums are in (the factor is linear in them)."""
@@ -224,7 +270,7 @@ def attention_relevance_ref(
     totals = None
     for q0, q1, k0, k1 in query_chunks(b, h, nq, nk, causal, window):
         part = _relevance_rows(
-            query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], out[:, :, q0:q1], scale,
+            query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], out[:, :, q0:q1], lse[:, :, q0:q1], scale,
             None if grad_out is None else grad_out[:, :, q0:q1], None if rel_out is None else rel_out[:, :, q0:q1],
             None if key_mask is None else key_mask[:, k0:k1], mask_add, map_mode,
             None if rollout is None else rollout[:, q0:q1], normalize_rows, inputs, mask_add_normalized, causal,
@@ -256,24 +302,27 @@ def attention_relevance_ref(
     return result
 
 
-def _relevance_rows(query, key, value, out, scale, grad_out, rel_out, key_mask, mask_add, map_mode, rollout,
+def _relevance_rows(query, key, value, out, lse, scale, grad_out, rel_out, key_mask, mask_add, map_mode, rollout,
                     normalize_rows, inputs, mask_add_normalized, causal, window, q_offset, k_offset, heads_kv):
     """``attention_relevance_ref`` on a chunk of query rows and the keys they can attend."""
     from transformer_lrp.ops.residual import z_add
 
     key, value = repeat_kv(key, query.shape[1]), repeat_kv(value, query.shape[1])
-    scores, masked, attend = _masked_scores(query, key, scale, key_mask, causal, window, q_offset, k_offset)
-    probs = _softmax(masked, attend, accumulation_dtype(masked.dtype) if masked.dtype in _HALF else None)
-    del masked
+    scores = (query * scale) @ key.transpose(-1, -2)
+    attend = _attended(key_mask, causal, query.shape[2], key.shape[2], scores.device, window, q_offset, k_offset)
+    # A = exp(S − lse) from the forward's row log-sum-exp, as the kernels: no second softmax (a row without keys has
+    # lse = EMPTY_ROW_LSE, so exp gives 0; masked entries, whatever their score, are zeroed)
+    probs = (scores.to(accumulation_dtype(scores.dtype)) if scores.dtype in _HALF else scores) - lse[..., None]
+    probs = probs.exp_() if attend is None else probs.exp_().masked_fill_(~attend, 0)
     attn = probs.to(query.dtype)  # half inputs: the products read A in their own dtype, as the model's forward
     result: dict[str, torch.Tensor] = {}
     grad_attn = None
     if grad_out is not None:
         grad_attn = grad_out @ value.transpose(-1, -2)
         if inputs:
-            g = grad_attn.to(probs.dtype)
-            d_scores = (g - (g * probs).sum(dim=-1, keepdim=True)).mul_(probs).to(query.dtype)
-            del g
+            # dS = A ⊙ (∇A − δ) with δ = rowsum(∇A ⊙ A) = rowsum(dO ⊙ O) (O = A V): a [rows, d] product, not [rows, NK]
+            delta = (grad_out.to(probs.dtype) * out.to(probs.dtype)).sum(dim=-1, keepdim=True)
+            d_scores = torch.sub(grad_attn.to(probs.dtype), delta).mul_(probs).to(query.dtype)
             result.update(grad_query=(d_scores @ key).mul_(scale),
                           grad_key=sum_groups((d_scores.transpose(-1, -2) @ query).mul_(scale), heads_kv),
                           grad_value=sum_groups(attn.transpose(-1, -2) @ grad_out, heads_kv))
@@ -378,6 +427,7 @@ def attention_relevance(
                   mask_add_normalized=mask_add_normalized, causal=causal, window=window)
     chosen = "torch" if backend == "torch" else op_backend("attention_relevance", KERNELS, (query, key, value),
                                                             backend)
+    lse = lse.contiguous()  # the kernels index it as [B, H, NQ]
     if chosen == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_bwd
 
@@ -500,6 +550,7 @@ def attention_weighted_map(
         ``(E[:, row] [B, NK], min [B], max [B])`` in float32 (float64 for float64 inputs).
     """
     chosen = "torch" if backend == "torch" else op_backend("attention_weighted_map", KERNELS, (query, key), backend)
+    lse = lse.contiguous()  # the kernels index it as [B, H, NQ]
     if chosen == "triton":
         from transformer_lrp.triton_kernels.attention_lrp import attention_weighted_map as launch
 
