@@ -845,7 +845,8 @@ def test_a_real_process_reports_in_one_line(tmp_path):
 
 def test_ctrl_c_in_a_real_process(tmp_path):
     """SIGINT to a running explanation: one line, exit status 130, nothing written."""
-    images = [str(_png(tmp_path / f"{i}.png", _rgb(i, 224))) for i in range(16)]
+    # enough work (several seconds on 2 cores) that the signal lands while it runs
+    images = [str(_png(tmp_path / f"{i}.png", _rgb(i, 224))) for i in range(96)]
     out = tmp_path / "out"
     run = _run(["explain", "--image", *images, "--model", "timm:vit_small_patch16_224", "--out", str(out)])
     first = run.stderr.readline()  # the note about random weights: the model is built, the work is starting

@@ -80,7 +80,15 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     model, normalize, bench = _image_case()
     # batch size 1 on both sides: each sample's map is then bitwise the same (AP groups exactly tied scores, so
     # a last-bit difference from another batch composition could move it)
-    single = runner.evaluate_images(model, normalize, bench, ("gae", "raw_attention"), batch_size=1, progress=False)
+    # and one thread on both sides, as each worker: torch's CPU flash-attention forward may block its work by the
+    # thread count, which moves last bits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = runner.evaluate_images(model, normalize, bench, ("gae", "raw_attention"), batch_size=1,
+                                        progress=False)
+    finally:
+        torch.set_num_threads(threads)
     assert sharded.keys() == single.keys()
     for key in single:
         assert sharded[key] == pytest.approx(single[key], rel=1e-9, abs=1e-9)
