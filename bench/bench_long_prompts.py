@@ -10,7 +10,8 @@ what was resident before the work, ``VmHWM − VmRSS``, and its wall time):
 
 * ``input_gradient``: the model's own forward (SDPA attention, logits at the last position) and the backward of the
   explained logit to the input embeddings, parameters frozen;
-* ``transformer_attribution``, ``gae``, ``attnlrp``: ``explain`` (backend ``torch``: the chunked reference ops);
+* ``transformer_attribution``, ``gae``, ``attnlrp``: ``explain`` (backend ``torch``: the attention forward by torch's
+  CPU flash kernel, the reverse pass on the chunked reference ops);
 * ``eager_attention_kept``: what explainers that read attention maps and their gradients from autograd do (Captum's
   and inseq's attention methods, the original code): the model with eager attention and ``output_attentions=True``,
   every layer's ``[H, N, N]`` map kept and its gradient retained. It is measured up to ``--peer-max`` tokens; beyond,
