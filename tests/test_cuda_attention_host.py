@@ -289,7 +289,8 @@ def test_backward_math(lib, shape, setting, dtype):
     # float32: within a few times the reference's own float32 error against float64 (R_Q, R_K divide by scores)
     kw64 = {key: (val.double() if torch.is_tensor(val) and val.is_floating_point() else val) for key, val in kw.items()}
     # the float64 answer: its own forward's O and lse (the backward reads both)
-    o64, lse64 = attention_forward_ref(q.double(), k.double(), v.double(), 0.37, kw["key_mask"], kw.get("causal", False))
+    o64, lse64 = attention_forward_ref(q.double(), k.double(), v.double(), 0.37, kw["key_mask"],
+                                       kw.get("causal", False))
     ref64 = attention_relevance_ref(q.double(), k.double(), v.double(), o64, lse64, 0.37, **kw64)
     for name in ref:
         own = (ref[name].double() - ref64[name]).abs().max() / ref64[name].abs().max()
