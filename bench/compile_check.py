@@ -17,6 +17,7 @@ its spills are reported, not failed (Triton's fp64 products are FMA-like and far
     python3 bench/compile_check.py                 # the full table, both archs (minutes on 2 cores)
     python3 bench/compile_check.py --quick         # the CI subset: every kernel, flag set and dtype, sm_90a
     python3 bench/compile_check.py --cuda          # the CUDA C++ ops (csrc/*.cu) instead, with nvcc, sm_80 and sm_90
+    python3 bench/compile_check.py --kernels K1,K2 # only these kernels, their rows of the table replaced
 
 ``--cuda`` compiles each ``csrc/*.cu`` as ``setup.py`` builds it (torch's nvcc flags and headers) with
 ``-Xptxas -v`` for both archs and reads every instantiated kernel's registers, spills and shared memory from the
@@ -325,7 +326,7 @@ def specialize(launch, cand, arch: int) -> dict:
         backend = make_backend(GPUTarget("cuda", arch, 32))
         _BINDERS[key] = backend, create_function_from_signature(kernel.signature, kernel.params, backend)
     backend, binder = _BINDERS[key]
-    kwargs = {**launch.constexprs, **cand.meta, "num_warps": cand.num_warps, "num_stages": cand.num_stages,
+    kwargs = {**launch.constexprs, **cand.meta, **cand.options,
               "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
     bound, spec, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
@@ -337,7 +338,7 @@ def specialize(launch, cand, arch: int) -> dict:
 def job_key(job: dict) -> str:
     o = job["options"]
     return repr((job["name"], job["arch"], sorted(job["signature"].items()), sorted(job["constexprs"].items(),
-                key=repr), sorted(job["attrs"].items(), key=repr), o["num_warps"], o["num_stages"]))
+                key=repr), sorted(job["attrs"].items(), key=repr), o["num_warps"], o["num_stages"], o.get("maxnreg")))
 
 
 # ---------------------------------------------------------------------------------------- compiling (worker)
@@ -644,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     ap.add_argument("--csv", default=str(CSV_PATH), help="where to write the table ('' for nowhere)")
     ap.add_argument("--cuda", action="store_true", help="check the CUDA C++ ops (csrc/*.cu) with nvcc instead")
+    ap.add_argument("--kernels", default="", help="comma-separated kernel names: compile only theirs and replace "
+                    "only their rows of the CSV (a recheck after changing some kernels)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -671,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = args.dtypes.split(",")
     t0 = time.time()
     entries = collect(models, dtypes, archs, args.default_only or args.quick, with_ops)
+    if args.kernels:  # a recheck of some kernels: only theirs, and only their rows of the table are replaced
+        entries = {k: e for k, e in entries.items() if e.kernel in args.kernels.split(",")}
     print(f"compile_check: {len(entries)} distinct configurations from {len(models)} models{' + ops' * with_ops} × "
           f"{len(dtypes)} dtypes × "
           f"archs {archs} (recorded in {time.time() - t0:.0f} s); compiling on {args.jobs} processes", flush=True)
@@ -688,10 +693,15 @@ def main(argv: list[str] | None = None) -> int:
                          warps=e.warps, stages=e.stages, default=int(e.default), shared_bytes=res.get("shared", ""),
                          registers=res.get("registers", ""), spill_bytes=res.get("spill_stores", ""),
                          hot=int(e.kernel in HOT), check=why, models=";".join(sorted(e.cases))))
-    rows.sort(key=lambda r: (r["kernel"], r["variant"], r["dtype"], r["arch"], r["tiles"], r["warps"], r["stages"]))
+    if args.kernels and args.csv and Path(args.csv).exists():
+        with open(args.csv, newline="") as f:
+            rows += [r for r in csv.DictReader(f)
+                     if r["variant"] != CUDA_VARIANT and r["kernel"] not in args.kernels.split(",")]
+    rows.sort(key=lambda r: (r["kernel"], r["variant"], r["dtype"], r["arch"], r["tiles"], int(r["warps"]),
+                             int(r["stages"])))
     if args.csv:
         write_rows(args.csv, rows, cuda=False)
-    spilled = [r for r in rows if r["spill_bytes"] not in ("", 0)]
+    spilled = [r for r in rows if str(r["spill_bytes"]) not in ("", "0")]
     print(f"compile_check: {len(rows)} configurations in {time.time() - t0:.0f} s; {len(failures)} failing; "
           f"{len(spilled)} with spills (float64 or not hot: reported only)" + (f"; table: {args.csv}" if args.csv
                                                                                  else ""))

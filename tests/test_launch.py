@@ -107,3 +107,78 @@ print(json.dumps(found))
     for name, counts in found.items():
         assert counts["vector"] + counts["cp_async"] > 0, (name, counts)
         assert counts["scalar_b16"] == 0, (name, counts)
+
+
+def test_backward_candidates_carry_a_register_budget():
+    """Every backward candidate states its register budget (one CTA's share of the register file, at most 255),
+    which reaches Triton as the ``maxnreg`` option; the forward leaves the choice to ptxas."""
+    for kernel in ("bwd_q", "bwd_kv"):
+        for products in ("half", "tf32", "ieee"):
+            for block_d in (32, 64, 128, 256):
+                for heavy in (False, True):
+                    cands = attention_lrp.attention_candidates(kernel, products, block_d, 8192, 8192, 90, heavy,
+                                                               True)
+                    assert cands
+                    for c in cands:
+                        assert c.maxnreg == min(255, 65536 // (32 * c.num_warps))
+                        assert c.options["maxnreg"] == c.maxnreg
+    assert all(c.maxnreg is None and "maxnreg" not in c.options
+               for c in attention_lrp.attention_candidates("fwd", "half", 128, 8192, 8192, 90))
+    assert [_launch.register_budget(w) for w in (2, 4, 8, 16)] == [255, 255, 255, 128]
+    assert _launch.register_budget(8, ctas=4) == 64
+
+
+@pytest.mark.slow
+def test_wide_key_tile_backward_builds_within_its_budget_without_spills():
+    """Compiled for sm_90a on this CPU: Llama-3-8B's key-tile backward (head dim 128, float32, causal; AttnLRP's
+    gradient pass, the 16 × 32 candidate) builds with its register budget and ptxas spills nothing. (Without the
+    budget ptxas aimed this launch at three CTAs per SM, 80 registers, and spilled 12 B, under Triton 3.8.)"""
+    pytest.importorskip("triton")
+    code = r'''
+import json, re, sys, importlib, warnings
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/bench"]
+warnings.filterwarnings("ignore")
+import compile_check as cc
+case = next(m for m in cc.MODELS if m.name == "llama3_8b_8k")
+ln = next(ln for ln in cc.record_case(case, "fp32", 90, runs=[("attnlrp", 0, False)], padded=(False,))
+          if ln.name == "_attn_bwd_kv_kernel")
+job = cc.specialize(ln, next(c for c in ln.candidates if c.meta["BLOCK_N"] == 32), 90)
+res = cc.compile_job(job)
+print(json.dumps(dict(maxnreg=job["options"].get("maxnreg"), **res)))
+'''
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    assert res["status"] == "ok", res
+    assert res["maxnreg"] == 255 and res["registers"] <= 255
+    assert res["spill_stores"] == 0 and res["spill_loads"] == 0, res
+
+
+def test_tf32_key_tiles_of_256_wide_heads_compute_in_ieee():
+    """Recorded on meta tensors (nothing runs): Gemma 3's 256-wide heads under TF32 run the key-tile backward's
+    products in IEEE float32 with the IEEE tile list (TF32 spilled 170–210 B there), while the forward and the
+    query-tile backward keep TF32; a 128-wide head (Llama-3-8B) keeps TF32 everywhere."""
+    import importlib.util
+
+    if "compile_check" not in sys.modules:  # registered: its dataclasses look their module up
+        spec = importlib.util.spec_from_file_location("compile_check", ROOT / "bench" / "compile_check.py")
+        sys.modules["compile_check"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["compile_check"])
+    cc = sys.modules["compile_check"]
+    precisions = {}
+    for name in ("gemma3_1b_head_dim_256_window_512", "llama3_8b_8k"):
+        case = next(m for m in cc.MODELS if m.name == name)
+        for ln in cc.record_case(case, "tf32", 90, runs=[("transformer_attribution", 0, True)], padded=(True,)):
+            if ln.name in ("_attn_fwd_kernel", "_attn_bwd_q_kernel", "_attn_bwd_kv_kernel"):
+                precisions.setdefault((name, ln.name), set()).add(ln.constexprs["PREC"])
+                if ln.name == "_attn_bwd_kv_kernel":
+                    expect = [c for c in attention_lrp.attention_candidates(
+                        "bwd_kv", "ieee" if name.startswith("gemma") else "tf32", ln.constexprs["BLOCK_D"],
+                        8192, 8192, 90, ln.constexprs["NEED_GRAD"] and ln.constexprs["NEED_REL"], True)]
+                    assert [c.num_warps for c in ln.candidates] == [c.num_warps for c in expect]
+    gemma, llama = "gemma3_1b_head_dim_256_window_512", "llama3_8b_8k"
+    assert precisions[(gemma, "_attn_bwd_kv_kernel")] == {"ieee"}
+    assert precisions[(gemma, "_attn_fwd_kernel")] == precisions[(gemma, "_attn_bwd_q_kernel")] == {"tf32"}
+    assert all(p == {"tf32"} for (model, _), p in precisions.items() if model == llama)

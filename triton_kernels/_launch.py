@@ -32,11 +32,23 @@ from transformer_lrp._target import interpreting, recording
 
 
 class Candidate(NamedTuple):
-    """One configuration of a launch: tile constexprs (``(name, value)`` pairs), warps and pipeline stages."""
+    """One configuration of a launch: tile constexprs (``(name, value)`` pairs), warps, pipeline stages and, where
+    given, a register budget per thread (PTX ``.maxnreg``). Without a budget ptxas picks one itself, aiming at an
+    occupancy, and then spills a few bytes rather than miss it; given one, it allocates within it without spilling
+    where the same count fits (bench/compile_check.py measured both)."""
 
     tiles: tuple[tuple[str, int], ...]
     num_warps: int = 4
     num_stages: int = 1
+    maxnreg: int | None = None
+
+    @property
+    def options(self) -> dict[str, int]:
+        """The launch options Triton takes beside the constexprs."""
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
     @property
     def meta(self) -> dict[str, int]:
@@ -47,8 +59,16 @@ class Candidate(NamedTuple):
         return "x".join(str(v) for _, v in self.tiles) or "-"
 
 
-def candidate(num_warps: int = 4, num_stages: int = 1, **tiles: int) -> Candidate:
-    return Candidate(tuple(tiles.items()), num_warps, num_stages)
+def register_budget(num_warps: int, ctas: int = 1) -> int:
+    """A register budget per thread that leaves room for ``ctas`` CTAs of ``num_warps`` warps per SM (65,536
+    registers; 255 at most). Without a budget ptxas aims a kernel at an occupancy of its own and spills 4–40 B to
+    reach it (seen at 48 to 128 registers in the attention backward and the LayerNorm pass); with one it allocates
+    within the budget and, in every configuration of the compile check, spills nothing."""
+    return min(255, 65536 // (32 * num_warps * ctas))
+
+
+def candidate(num_warps: int = 4, num_stages: int = 1, maxnreg: int | None = None, **tiles: int) -> Candidate:
+    return Candidate(tuple(tiles.items()), num_warps, num_stages, maxnreg)
 
 
 @dataclass
@@ -69,7 +89,7 @@ class Launch:
 
     def run(self, cand: Candidate) -> None:
         meta = {**self.constexprs, **cand.meta}
-        self.kernel[self.grid(meta)](*self.args, **meta, num_warps=cand.num_warps, num_stages=cand.num_stages)
+        self.kernel[self.grid(meta)](*self.args, **meta, **cand.options)
 
 
 _FORCED: contextvars.ContextVar[dict[str, Candidate] | None] = contextvars.ContextVar("tlrp_forced", default=None)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 from transformer_lrp.triton_kernels._common import safe_div
-from transformer_lrp.triton_kernels._launch import Candidate, candidate, launch
+from transformer_lrp.triton_kernels._launch import Candidate, candidate, launch, register_budget
 
 from transformer_lrp._numerics import EPS, accumulation_dtype, normalized_add_factors
 from transformer_lrp._target import device_arch, interpreting, tf32_products
@@ -317,36 +317,40 @@ def _attn_bwd_kv_kernel(
     sum_u = tl.zeros([BLOCK_N], dtype=DT)
     sum_r = tl.zeros([BLOCK_N], dtype=DT)
     lo, hi = _query_range(KRANGE, i_b, i_n * BLOCK_N, NQ, WINDOW, HAS_MASK, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    for i_g in range(GROUP):
+    # One flat loop over (query head of the group, query tile): nested loops made ptxas spill loop-invariant pointers
+    # (16 B at 48 registers) at head dims 128 and 256.
+    n_tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    for step in range(0, GROUP * n_tiles):
+        i_g = step // n_tiles
+        start = lo + (step - i_g * n_tiles) * BLOCK_M
         i_h = i_hk * GROUP + i_g
         i_bh = i_b * H + i_h
-        for start in range(lo, hi, BLOCK_M):
-            o_m = start + tl.arange(0, BLOCK_M)
-            m_m = o_m < NQ
-            valid = _pairs(o_m, o_n, m_m, valid_n, WINDOW, CAUSAL, HAS_WINDOW)
-            b_q, b_lse, b_do, b_hs, b_delta = _query_tile(
-                Q, DO, HS, LSE, DELTA, i_b, i_h, i_bh, o_m, m_m, o_d, m_d, s_qb, s_qh, s_qn, s_db, s_dh, s_dn, s_hb,
-                s_hh, s_hn, NQ, NEED_DP, NEED_GRAD, NEED_RA, DT, MM, EVEN_D, BLOCK_M, BLOCK_D)
-            b_sc, b_p, b_dp, b_ra, b_ds = _tile(b_q, b_k, b_v, b_do, b_hs, b_lse, b_delta, valid, scale,
-                                                NEED_DP, NEED_RA, NEED_GRAD, DT, MM, PREC)
-            if NEED_GRAD:
-                acc_dv += _mm(tl.trans(b_p), b_do, MM, DT, PREC)
-                acc_dk += _mm(tl.trans(b_ds), b_q, MM, DT, PREC)
-            if NEED_REL:
-                acc_rv += _mm(tl.trans(b_p), b_hs, MM, DT, PREC)
-                b_t, b_r = _score_factor(b_sc, b_ra, eps, eps_scale, MASK_ADD)
-                acc_rk += _mm(tl.trans(b_t), b_q, MM, DT, PREC)
-                if MASK_ADD:
-                    sum_u += tl.sum(b_r, axis=0)
-                    sum_r += tl.sum(b_ra, axis=0)
-            if MAP != 0:
-                b_e = _map_tile(b_p, b_dp, b_ra, MAP)
-                if ROLLOUT:
-                    b_w = tl.load(W + i_b * NQ + o_m, mask=m_m, other=0.0).to(DT)
-                    acc_roll += tl.sum(b_w[:, None] * b_e, axis=0)
-                if WANT_MAP:
-                    m_ptr = MAPOUT + i_b * NQ * NK + o_m[:, None] * NK + o_n[None, :]
-                    tl.atomic_add(m_ptr, (b_e * inv_heads).to(MAPOUT.dtype.element_ty), mask=valid)
+        o_m = start + tl.arange(0, BLOCK_M)
+        m_m = o_m < NQ
+        valid = _pairs(o_m, o_n, m_m, valid_n, WINDOW, CAUSAL, HAS_WINDOW)
+        b_q, b_lse, b_do, b_hs, b_delta = _query_tile(
+            Q, DO, HS, LSE, DELTA, i_b, i_h, i_bh, o_m, m_m, o_d, m_d, s_qb, s_qh, s_qn, s_db, s_dh, s_dn, s_hb,
+            s_hh, s_hn, NQ, NEED_DP, NEED_GRAD, NEED_RA, DT, MM, EVEN_D, BLOCK_M, BLOCK_D)
+        b_sc, b_p, b_dp, b_ra, b_ds = _tile(b_q, b_k, b_v, b_do, b_hs, b_lse, b_delta, valid, scale,
+                                            NEED_DP, NEED_RA, NEED_GRAD, DT, MM, PREC)
+        if NEED_GRAD:
+            acc_dv += _mm(tl.trans(b_p), b_do, MM, DT, PREC)
+            acc_dk += _mm(tl.trans(b_ds), b_q, MM, DT, PREC)
+        if NEED_REL:
+            acc_rv += _mm(tl.trans(b_p), b_hs, MM, DT, PREC)
+            b_t, b_r = _score_factor(b_sc, b_ra, eps, eps_scale, MASK_ADD)
+            acc_rk += _mm(tl.trans(b_t), b_q, MM, DT, PREC)
+            if MASK_ADD:
+                sum_u += tl.sum(b_r, axis=0)
+                sum_r += tl.sum(b_ra, axis=0)
+        if MAP != 0:
+            b_e = _map_tile(b_p, b_dp, b_ra, MAP)
+            if ROLLOUT:
+                b_w = tl.load(W + i_b * NQ + o_m, mask=m_m, other=0.0).to(DT)
+                acc_roll += tl.sum(b_w[:, None] * b_e, axis=0)
+            if WANT_MAP:
+                m_ptr = MAPOUT + i_b * NQ * NK + o_m[:, None] * NK + o_n[None, :]
+                tl.atomic_add(m_ptr, (b_e * inv_heads).to(MAPOUT.dtype.element_ty), mask=valid)
     kv_off = i_bhk * NK * HEAD_DIM + o_n[:, None] * HEAD_DIM + o_d[None, :]
     m_kv = _row_mask(m_n, m_d, EVEN_D)
     if NEED_GRAD:
@@ -537,7 +541,9 @@ def attention_candidates(kernel: str, products: str, block_d: int, nq: int, nk: 
     if arch >= 90:
         rows += _SM90_EXTRA.get(name, {}).get(products, {}).get(width, [])
     cap_m, cap_n = max(16, triton.next_power_of_2(nq)), max(16, triton.next_power_of_2(nk))
-    out = (candidate(w, st, BLOCK_M=min(bm, cap_m), BLOCK_N=min(bn, cap_n)) for bm, bn, w, st in rows)
+    budget = kernel in ("bwd_q", "bwd_kv")
+    out = (candidate(w, st, register_budget(w) if budget else None, BLOCK_M=min(bm, cap_m), BLOCK_N=min(bn, cap_n))
+           for bm, bn, w, st in rows)
     return tuple(dict.fromkeys(out))
 
 
@@ -551,8 +557,9 @@ _ATTENTION_TILES = {
         "half": {"narrow": [(64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 2)],
                  "wide": [(64, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)],
                  "xwide": [(64, 32, 8, 2), (32, 32, 4, 2)]},
+        # TF32 wide: 32 × 32 at 8 warps and 32 × 16 at 4 spilled 8–12 B with BERT's padding mask (sm_90a)
         "tf32": {"narrow": [(64, 32, 4, 2), (64, 64, 4, 2), (32, 32, 4, 3), (128, 16, 8, 2)],
-                 "wide": [(32, 32, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2), (32, 16, 4, 3)],
+                 "wide": [(64, 32, 8, 2), (64, 16, 8, 2)],
                  "xwide": [(32, 32, 8, 2), (16, 32, 8, 2)]},
         "ieee": {"narrow": [(16, 32, 4, 1)], "wide": [(16, 32, 8, 1), (64, 16, 8, 1), (16, 16, 8, 1)],
                  "xwide": [(16, 16, 8, 1)]},
@@ -578,8 +585,9 @@ _ATTENTION_TILES = {
     },
     # gradient only (GAE), relevance only (full LRP), or the map alone (the lowest block): two accumulators at most
     "bwd_kv": {
+        # xwide: 16 × 32 spilled 12 B in Gemma's map pass with the gradient (TA), even at 255 registers
         "half": {"narrow": [(16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)], "wide": [(32, 32, 8, 2)],
-                 "xwide": [(16, 32, 8, 2)]},
+                 "xwide": [(16, 16, 8, 2), (16, 16, 4, 2)]},
         "tf32": {"narrow": [(32, 32, 4, 2), (16, 32, 4, 2)], "wide": [(16, 32, 8, 2), (16, 16, 8, 2)],
                  "xwide": [(16, 16, 8, 2)]},
         "ieee": {"narrow": [(16, 16, 8, 1), (16, 16, 4, 1), (32, 16, 8, 1)], "wide": [(16, 16, 8, 1), (16, 32, 8, 1)],
@@ -822,10 +830,16 @@ def attention_bwd(
     # and then the relevance, each with two accumulators; the second recomputes the tile's products.
     split = need_grad and need_rel and bd > 128
     passes = [(need_grad, need_rel and not split, True)] + ([(False, True, False)] if split else [])
+    # TF32 on heads wider than 128: the per-tile products over d (QKᵀ, dO·Vᵀ, hS·Vᵀ) hold each warp's whole
+    # 16 × 256 float32 operand in registers and spill 170–210 B even at 255 registers; the key tiles compute them in
+    # IEEE float32 instead (FMA products stream their operands; no spill), which is also more exact.
+    kv_products, kv_common = products, common
+    if products == "tf32" and bd > 128:
+        kv_products, kv_common = "ieee", dict(common, PREC="ieee")
     for grad_pass, rel_pass, map_pass in passes:
         if not (grad_pass or rel_pass or (map_pass and (rolling or want_map))):
             continue
-        flags_pass = dict(common, NEED_GRAD=grad_pass, NEED_REL=rel_pass, MASK_ADD=mask_add and rel_pass,
+        flags_pass = dict(kv_common, NEED_GRAD=grad_pass, NEED_REL=rel_pass, MASK_ADD=mask_add and rel_pass,
                           MAP=mode if map_pass else MAP_NONE)
         launch(
             _attn_bwd_kv_kernel, _grid_rows(b * hk, nk, "BLOCK_N"),
@@ -834,7 +848,7 @@ def attention_bwd(
             dict(ROLLOUT=rolling and map_pass, WANT_MAP=want_map and map_pass,
                  NEED_DP=grad_pass or (map_pass and mode in (MAP_TA, MAP_GAE)),
                  NEED_RA=rel_pass or (map_pass and mode in _NEEDS_RA), **flags_pass),
-            attention_candidates("bwd_kv", products, bd, _pow2(nq), _pow2(nk), arch, heavy=rel_pass and grad_pass,
+            attention_candidates("bwd_kv", kv_products, bd, _pow2(nq), _pow2(nk), arch, heavy=rel_pass and grad_pass,
                                  causal=causal),
             _SIZE_KEY,
             reset=("MAPOUT",) if want_map and map_pass else ())

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from transformer_lrp.triton_kernels._common import from_f64, safe_div_ref
-from transformer_lrp.triton_kernels._launch import candidate, launch
+from transformer_lrp.triton_kernels._launch import candidate, launch, register_budget
 
 from transformer_lrp._numerics import normalized_add_factors
 
@@ -122,7 +122,10 @@ def _row_candidates(block_d: int, dt):
     default, then twice as many warps (half as many spills for the widest rows). Compile-checked for spills."""
     per_thread = 4 if dt == tl.float64 else 8
     default = min(16, max(1, block_d // (32 * per_thread)))
-    return tuple(dict.fromkeys(candidate(w, 1) for w in (default, min(16, 2 * default))))
+    # one CTA's register budget: unbudgeted, ptxas aimed ViT-H's 1280-wide bf16 rows (8 warps) at five CTAs per SM
+    # and spilled 4 B at 48 registers; a budget for four (64 at 8 warps, 32 at 16) spilled up to 420 B on the widest
+    # rows, which use about 80 registers
+    return tuple(dict.fromkeys(candidate(w, 1, register_budget(w)) for w in (default, min(16, 2 * default))))
 
 
 def layernorm_relevance_bwd(
