@@ -13,20 +13,12 @@ import _models as M
 import pytest
 import test_clip
 import torch
+from _bench import compile_check
 
 import transformer_lrp as tl
 from transformer_lrp import _target
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _compile_check():
-    """bench/compile_check.py as a module (registered: its dataclasses look their module up)."""
-    if "compile_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("compile_check", ROOT / "bench" / "compile_check.py")
-        sys.modules["compile_check"] = mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    return sys.modules["compile_check"]
 
 
 def _kernel_names() -> set[str]:
@@ -83,7 +75,7 @@ def test_quick_compile_check_passes_under_the_gpu_images_triton(tmp_path):
 def test_cuda_compile_check_passes(tmp_path):
     """csrc/*.cu with nvcc -Xptxas -v for sm_80 and sm_90 (about 90 s on 2 cores): no compile error, no spill, every
     attention kernel in every dtype and row width; the Triton rows already in the table are kept."""
-    cc = _compile_check()
+    cc = compile_check()
     if cc._nvcc() is None:
         pytest.skip("no nvcc")
     out = tmp_path / "kernel_resources.csv"
@@ -116,14 +108,14 @@ def test_ptxas_log_parser():
            "ptxas info    : Function properties for _Z3barv\n"
            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
            "ptxas info    : Used 12 registers, used 0 barriers, 368 bytes cmem[0]\n")
-    assert _compile_check().parse_ptxas(log) == [
+    assert compile_check().parse_ptxas(log) == [
         dict(mangled="_Z3fooPf", arch=80, spill=8, registers=40, shared=4096),
         dict(mangled="_Z3barv", arch=90, spill=0, registers=12, shared=0)]
 
 
 def test_compile_check_routes_float64_attention_away():
     """float64 attention never reaches Triton on a GPU (its fp64 MMA lowering fails): routed to the torch op."""
-    cc = _compile_check()
+    cc = compile_check()
     case = next(m for m in cc.MODELS if m.name == "bert_base_512_padded")
     with pytest.warns(UserWarning, match="runs on the torch reference"):
         names = {launch.name for launch in cc.record_case(case, "fp64", 90)}
@@ -151,7 +143,7 @@ CALLS = [("transformer_attribution", dict(start_layer=0)), ("transformer_attribu
 def test_compile_table_covers_every_dispatched_launch():
     """Every (kernel, flags) that explain(backend="triton") launches, on every model family and method, under the
     interpreter, is in the compile check's table (whose dtypes and shapes then multiply it)."""
-    cc = _compile_check()
+    cc = compile_check()
     table = {(launch.name, cc.variant_of(launch)) for case in cc.MODELS for launch in cc.record_case(case, "fp32", 90)}
     table |= {(launch.name, cc.variant_of(launch)) for launch in cc.record_ops("fp32", 90)}
     seen = set()
@@ -171,7 +163,7 @@ def test_compile_table_covers_every_dispatched_launch():
 def test_compile_table_covers_the_ops_api():
     """The public ops reach flag combinations the sweep does not (the head-mean map, a gradient-only backward, …):
     the table's ops part records them, each an actual launch of the ops with meta tensors."""
-    cc = _compile_check()
+    cc = compile_check()
     variants = {(launch.name, cc.variant_of(launch)) for launch in cc.record_ops("fp32", 90)}
     kv = {v for name, v in variants if name == "_attn_bwd_kv_kernel"}
     assert any("WANT_MAP" in v for v in kv) and any(v.split() == ["NEED_DP", "NEED_GRAD"] for v in kv)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _bench import compile_check
 from transformer_lrp.triton_kernels import _launch, attention_lrp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,13 +161,7 @@ def test_tf32_key_tiles_of_256_wide_heads_compute_in_ieee():
     """Recorded on meta tensors (nothing runs): Gemma 3's 256-wide heads under TF32 run the key-tile backward's
     products in IEEE float32 with the IEEE tile list (TF32 spilled 170–210 B there), while the forward and the
     query-tile backward keep TF32; a 128-wide head (Llama-3-8B) keeps TF32 everywhere."""
-    import importlib.util
-
-    if "compile_check" not in sys.modules:  # registered: its dataclasses look their module up
-        spec = importlib.util.spec_from_file_location("compile_check", ROOT / "bench" / "compile_check.py")
-        sys.modules["compile_check"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["compile_check"])
-    cc = sys.modules["compile_check"]
+    cc = compile_check()
     precisions = {}
     for name in ("gemma3_1b_head_dim_256_window_512", "llama3_8b_8k"):
         case = next(m for m in cc.MODELS if m.name == name)
@@ -174,9 +169,9 @@ def test_tf32_key_tiles_of_256_wide_heads_compute_in_ieee():
             if ln.name in ("_attn_fwd_kernel", "_attn_bwd_q_kernel", "_attn_bwd_kv_kernel"):
                 precisions.setdefault((name, ln.name), set()).add(ln.constexprs["PREC"])
                 if ln.name == "_attn_bwd_kv_kernel":
-                    expect = [c for c in attention_lrp.attention_candidates(
+                    expect = attention_lrp.attention_candidates(
                         "bwd_kv", "ieee" if name.startswith("gemma") else "tf32", ln.constexprs["BLOCK_D"],
-                        8192, 8192, 90, ln.constexprs["NEED_GRAD"] and ln.constexprs["NEED_REL"], True)]
+                        8192, 8192, 90, ln.constexprs["NEED_GRAD"] and ln.constexprs["NEED_REL"], True)
                     assert [c.num_warps for c in ln.candidates] == [c.num_warps for c in expect]
     gemma, llama = "gemma3_1b_head_dim_256_window_512", "llama3_8b_8k"
     assert precisions[(gemma, "_attn_bwd_kv_kernel")] == {"ieee"}
