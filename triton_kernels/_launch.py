@@ -59,13 +59,12 @@ class Candidate(NamedTuple):
         return "x".join(str(v) for _, v in self.tiles) or "-"
 
 
-def register_budget(num_warps: int, ctas: int = 1) -> int:
-    """A register budget per thread that leaves room for ``ctas`` CTAs of ``num_warps`` warps per SM (65,536
-    registers; 255 at most). Without a budget ptxas aims a kernel at an occupancy of its own and spills 4–40 B to
-    reach it (seen at 48 to 128 registers in the attention backward and the LayerNorm pass); with one it allocates
-    within the budget and, in every configuration of the compile check under Triton 3.8, spills nothing (3.6's
-    ptxas still spills in a few)."""
-    return min(255, 65536 // (32 * num_warps * ctas))
+def register_budget(num_warps: int) -> int:
+    """A register budget per thread of one CTA's share of an SM's 65,536 registers (255 at most). Without a budget
+    ptxas aims a kernel at an occupancy of its own (2–5 CTAs per SM) and spills 4–40 B to reach it (seen at 48 to 128
+    registers in the attention kernels and the LayerNorm pass, under Triton 3.8 and 3.6 alike); with one it
+    allocates within the budget, and every hot configuration of the compile check builds spill-free under both."""
+    return min(255, 65536 // (32 * num_warps))
 
 
 def candidate(num_warps: int = 4, num_stages: int = 1, maxnreg: int | None = None, **tiles: int) -> Candidate:
