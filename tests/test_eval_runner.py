@@ -37,6 +37,27 @@ def test_image_evaluation_end_to_end(tmp_path):
     assert len((tmp_path / "r.csv").read_text().splitlines()) == 1 + 2 + 9 * len(tl.METHODS)
 
 
+def test_image_evaluation_ranks_the_rule_sets_by_patch():
+    """AttnLRP and CP-LRP are scored on their patch maps (the unit their relevance is defined on), full LRP on its
+    pixels: the segmentation scores equal those recomputed from the chosen maps and differ from the other choice."""
+    from transformer_lrp.evaluation import metrics
+
+    model, normalize, bench = _image_case()
+    methods = ("attnlrp", "cp_lrp", "full_lrp")
+    res = runner.evaluate_images(model, normalize, bench, methods, batch_size=10, progress=False)
+    inputs = normalize(bench.images)
+    predicted = model(inputs).argmax(-1)
+    for method in methods:
+        exp = tl.explain(model, inputs, predicted, method=method)
+        chosen = metrics.segmentation_scores(metrics.segmentation_sums(exp.image_maps(pixels=method == "full_lrp"),
+                                                                       bench.masks))
+        other = metrics.segmentation_scores(metrics.segmentation_sums(exp.image_maps(pixels=method != "full_lrp"),
+                                                                      bench.masks))
+        assert res[method]["miou"] == pytest.approx(chosen["miou"], abs=1e-9), method
+        assert res[method]["map"] == pytest.approx(chosen["map"], abs=1e-9), method
+        assert abs(chosen["map"] - other["map"]) > 1e-6, method
+
+
 def _tiny_text_model(texts):
     from transformers import BertTokenizerFast
 

@@ -92,6 +92,28 @@ def test_maps_take_an_int_size():
             exp.image_maps(bad)
 
 
+def test_image_maps_choose_pixels_or_patches():
+    """``pixels=None`` takes the pixel relevance where it exists, ``False`` the patch map (bilinear, as for the map
+    methods), ``True`` insists on pixels and names the method that has none."""
+    import torch.nn.functional as F
+
+    patches, pixels = torch.randn(2, 16), torch.randn(2, 32, 32)
+    exp = tl.Explanation(relevance=patches, target=torch.zeros(2, dtype=torch.long), logits=torch.zeros(2, 3),
+                         method="attnlrp", modality="vision", grid_size=(4, 4), image_size=(32, 32),
+                         pixel_relevance=pixels)
+    upsampled = F.interpolate(patches.reshape(2, 1, 4, 4), size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(exp.image_maps(normalize=False), pixels, rtol=0, atol=0)
+    torch.testing.assert_close(exp.image_maps(normalize=False, pixels=True), pixels, rtol=0, atol=0)
+    torch.testing.assert_close(exp.image_maps(normalize=False, pixels=False), upsampled, rtol=0, atol=0)
+    scaled = exp.image_maps(pixels=False)
+    assert scaled.amin(dim=(1, 2)).eq(0).all() and scaled.amax(dim=(1, 2)).eq(1).all()
+    no_pixels = tl.Explanation(relevance=patches, target=exp.target, logits=exp.logits, method="gae",
+                               modality="vision", grid_size=(4, 4), image_size=(32, 32))
+    torch.testing.assert_close(no_pixels.image_maps(normalize=False), upsampled, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gae has no pixel relevance"):
+        no_pixels.image_maps(pixels=True)
+
+
 def test_text_html_single_and_batch():
     tokens = [["a", "<witty>", "film"], ["bland", "&"]]
     scores = torch.tensor([[0.1, 0.9, -0.3], [0.5, 0.0, 0.0]])

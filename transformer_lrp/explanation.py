@@ -86,15 +86,21 @@ class Explanation:
             raise ValueError("maps() needs a vision explanation (text relevance has no grid)")
         return self.relevance.reshape(-1, *self.grid_size)
 
-    def image_maps(self, size: int | tuple[int, int] | None = None, normalize: bool = True) -> torch.Tensor:
+    def image_maps(self, size: int | tuple[int, int] | None = None, normalize: bool = True,
+                   pixels: bool | None = None) -> torch.Tensor:
         r"""Vision: `[B, H, W]` maps at image resolution (default: the input size; an int is a square size).
 
-        Patch maps are upsampled bilinearly (``align_corners=False``, as the paper's evaluation does);
-        ``full_lrp``, ``attnlrp`` and ``cp_lrp`` already live on pixels. With ``normalize`` each map is min–max
-        scaled to [0, 1] (a constant map becomes 0).
+        Patch maps are upsampled bilinearly (``align_corners=False``, as the paper's evaluation does). ``pixels``:
+        ``None`` (default) takes ``pixel_relevance`` where the method has it (``full_lrp``, ``attnlrp``,
+        ``cp_lrp``) and the patch map otherwise; ``False`` always the patch map; ``True`` requires pixel relevance.
+        A signed pixel map of the rule sets alternates in sign from pixel to pixel, so a ranking of its pixels (a
+        perturbation test) is better served by their patch map (docs/method.md §12). With ``normalize`` each map is
+        min–max scaled to [0, 1] (a constant map becomes 0).
         """
+        if pixels and self.pixel_relevance is None:
+            raise ValueError(f"{self.method} has no pixel relevance (full_lrp, attnlrp and cp_lrp on images do)")
         size = image_size_of(size, self.image_size)
-        if self.pixel_relevance is not None:
+        if self.pixel_relevance is not None and pixels is not False:
             out = self.pixel_relevance
             if tuple(out.shape[-2:]) != size:
                 out = F.interpolate(out[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -167,8 +173,9 @@ class ClipExplanation:
     def __len__(self) -> int:
         return self.image_index.shape[0]
 
-    def image_maps(self, size: int | tuple[int, int] | None = None, normalize: bool = True) -> torch.Tensor:
-        return self.image.image_maps(size, normalize)
+    def image_maps(self, size: int | tuple[int, int] | None = None, normalize: bool = True,
+                   pixels: bool | None = None) -> torch.Tensor:
+        return self.image.image_maps(size, normalize, pixels)
 
 
 @dataclass
