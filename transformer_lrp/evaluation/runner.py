@@ -19,16 +19,13 @@ import torch
 import transformer_lrp as tl
 from transformer_lrp.evaluation import metrics as M
 from transformer_lrp.evaluation.data import ImageBenchmark, TextBenchmark
+from transformer_lrp.methods import MODIFIED_GRADIENT
 
 CLASS_AGNOSTIC = ("rollout", "raw_attention")
 SETTINGS = {
     "vision": {"transformer_attribution": dict(start_layer=1), "rollout": dict(start_layer=1)},
     "text": {"transformer_attribution": dict(start_layer=-1, normalize_rows=True, cls_relevance="min")},
 }
-# The rule sets' relevance of an image is defined per patch (the patch embedding's output ⊙ its modified gradient,
-# docs/method.md §12); their pixel maps alternate in sign from pixel to pixel, and ranked signed they invert the
-# perturbation test (negative AUC 19.6 against 70.8 per patch for AttnLRP on the canvases)
-PATCH_MAPS = ("attnlrp", "cp_lrp")
 
 
 def _world() -> tuple[int, int]:
@@ -127,7 +124,9 @@ def evaluate_images(
         sums.add("model/count", torch.tensor(float(len(idx))))
         for method in methods:
             kwargs = SETTINGS["vision"].get(method, {})
-            pixels = False if method in PATCH_MAPS else None
+            # the rule sets' image relevance is defined per patch (docs/method.md §12.2); their pixel maps alternate in
+            # sign over the object and, ranked signed, invert the perturbation test (negative AUC 19.6 against 70.8)
+            pixels = False if method in MODIFIED_GRADIENT else None
             maps = tl.explain(model, inputs, predicted, method=method, **kwargs).image_maps(pixels=pixels)
             sums.add(f"{method}/segmentation", M.segmentation_sums(maps, masks))
             own = predicted != labels if method not in CLASS_AGNOSTIC else torch.zeros_like(labels, dtype=torch.bool)
